@@ -1,0 +1,391 @@
+/* tcpstate.c: tracepoint programs that count TCP transitions, resets and failures in per-CPU maps (bcc). */
+/*
+ * Reads tracepoint arguments only, never kernel struct fields: the headers bcc
+ * compiles against may not match the running kernel. monitor/probes.py picks
+ * the code paths with -D flags after reading the kernel's tracepoint formats:
+ *   TCPSTATE_HAVE_<TRACEPOINT>        the tracepoint exists
+ *   TCPSTATE_SEND_RESET_SOCKADDR      tcp_send_reset has sockaddr images (>= 6.10)
+ *   TCPSTATE_SEND_RESET_HAS_REASON / _HAS_STATE / _HAS_FAMILY
+ *   TCPSTATE_FILTER_INCLUDE_CIDR / _EXCLUDE_CIDR / _PORTS
+ *   TCPSTATE_EMIT_EVENTS              feed the watch ring buffer
+ *   TCPSTATE_MAX_SOCKS                size of the per-socket table
+ */
+#include <uapi/linux/ptrace.h>
+
+#ifdef TCPSTATE_SEND_RESET_HAS_REASON
+/* 6.1 headers lack this enum, which the tcp_send_reset format names; bcc needs it complete. */
+enum sk_rst_reason { TCPSTATE_SK_RST_REASON_FIRST };
+#endif
+
+#include "tcpstate.h"
+#include "tcpstate_logic.h"
+
+#define TCPSTATE_AF_INET 2
+#define TCPSTATE_AF_INET6 10
+#define TCPSTATE_IPPROTO_TCP 6
+
+#ifndef TCPSTATE_MAX_SOCKS
+#define TCPSTATE_MAX_SOCKS 65536
+#endif
+
+/* Map names follow the metric names (tcpstate_<name>), cut to the kernel's 15 characters. */
+BPF_PERCPU_ARRAY(transitions, __u64, TCPSTATE_NTRANSITIONS);
+BPF_PERCPU_ARRAY(resets, __u64, TCPSTATE_NRESETS);
+BPF_PERCPU_ARRAY(connect_fails, __u64, TCPSTATE_NFAILS);
+BPF_PERCPU_ARRAY(durations, __u64, TCPSTATE_NHIST * TCPSTATE_HIST_STRIDE);
+BPF_PERCPU_ARRAY(stats, __u64, TCPSTATE_NSTATS);
+BPF_TABLE("lru_hash", __u64, struct tcpstate_sock, socks, TCPSTATE_MAX_SOCKS);
+
+/* The socket error is reported (no skaddr in that tracepoint) just before the
+ * SYN_SENT->CLOSE transition, in the same call chain on the same CPU. */
+struct last_error {
+	__u64 ts_ns;
+	__s32 error;
+	__u16 sport;
+	__u16 dport;
+};
+BPF_PERCPU_ARRAY(last_err, struct last_error, 1);
+
+#ifdef TCPSTATE_FILTER_INCLUDE_CIDR
+BPF_LPM_TRIE(include_v4, struct tcpstate_lpm_v4, __u8, 1024);
+BPF_LPM_TRIE(include_v6, struct tcpstate_lpm_v6, __u8, 1024);
+#endif
+#ifdef TCPSTATE_FILTER_EXCLUDE_CIDR
+BPF_LPM_TRIE(exclude_v4, struct tcpstate_lpm_v4, __u8, 1024);
+BPF_LPM_TRIE(exclude_v6, struct tcpstate_lpm_v6, __u8, 1024);
+#endif
+#ifdef TCPSTATE_FILTER_PORTS
+BPF_HASH(include_ports, __u16, __u8, 1024);
+#endif
+#ifdef TCPSTATE_EMIT_EVENTS
+BPF_RINGBUF_OUTPUT(events, 256);
+#endif
+
+struct flow {
+	__u16 family;
+	__u16 sport;
+	__u16 dport;
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+/* Per-CPU slots: the kernel refuses a nested BPF run on the same CPU, so ++ does not race. */
+static __always_inline void inc_transitions(__u32 idx) { __u64 *v = transitions.lookup(&idx); if (v) (*v)++; }
+static __always_inline void inc_resets(__u32 idx) { __u64 *v = resets.lookup(&idx); if (v) (*v)++; }
+static __always_inline void inc_connect_fails(__u32 idx) { __u64 *v = connect_fails.lookup(&idx); if (v) (*v)++; }
+static __always_inline void inc_durations(__u32 idx) { __u64 *v = durations.lookup(&idx); if (v) (*v)++; }
+static __always_inline void inc_stats(__u32 idx) { __u64 *v = stats.lookup(&idx); if (v) (*v)++; }
+
+static __always_inline void observe(int hist, __u64 delta_ns)
+{
+	__u32 base = hist * TCPSTATE_HIST_STRIDE;
+	inc_durations(base + tcpstate_hist_bucket(delta_ns / 1000));
+	__u32 sum_idx = base + TCPSTATE_HIST_NBOUNDS + 1;
+	__u64 *sum = durations.lookup(&sum_idx);
+	if (sum)
+		*sum += delta_ns;
+}
+
+static __always_inline int v4_mapped(const __u8 *a)
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 0 && a[4] == 0 && a[5] == 0 &&
+	       a[6] == 0 && a[7] == 0 && a[8] == 0 && a[9] == 0 && a[10] == 0xff && a[11] == 0xff;
+}
+
+#if defined(TCPSTATE_FILTER_INCLUDE_CIDR) || defined(TCPSTATE_FILTER_EXCLUDE_CIDR)
+static __always_inline int lpm_key_v4(struct tcpstate_lpm_v4 *k, __u16 family, const __u8 *a)
+{
+	/* A v4-mapped v6 address (a v6 socket talking to a v4 peer) is matched as v4. */
+	if (family != TCPSTATE_AF_INET && !v4_mapped(a))
+		return 0;
+	k->prefixlen = 32;
+	__builtin_memcpy(k->addr, family == TCPSTATE_AF_INET ? a : a + 12, 4);
+	return 1;
+}
+#endif
+
+#ifdef TCPSTATE_FILTER_INCLUDE_CIDR
+static __always_inline int in_include(__u16 family, const __u8 *a)
+{
+	struct tcpstate_lpm_v4 k4 = {};
+	struct tcpstate_lpm_v6 k6 = {.prefixlen = 128};
+	if (lpm_key_v4(&k4, family, a))
+		return include_v4.lookup(&k4) != NULL;
+	__builtin_memcpy(k6.addr, a, 16);
+	return include_v6.lookup(&k6) != NULL;
+}
+#endif
+#ifdef TCPSTATE_FILTER_EXCLUDE_CIDR
+static __always_inline int in_exclude(__u16 family, const __u8 *a)
+{
+	struct tcpstate_lpm_v4 k4 = {};
+	struct tcpstate_lpm_v6 k6 = {.prefixlen = 128};
+	if (lpm_key_v4(&k4, family, a))
+		return exclude_v4.lookup(&k4) != NULL;
+	__builtin_memcpy(k6.addr, a, 16);
+	return exclude_v6.lookup(&k6) != NULL;
+}
+#endif
+
+/* A connection matches when either endpoint is in an include CIDR (if any), neither is in
+ * an exclude CIDR, and either port is an include port (if any). */
+static __always_inline int flow_wanted(struct flow *f)
+{
+#ifdef TCPSTATE_FILTER_INCLUDE_CIDR
+	if (!in_include(f->family, f->saddr) && !in_include(f->family, f->daddr))
+		return 0;
+#endif
+#ifdef TCPSTATE_FILTER_EXCLUDE_CIDR
+	if (in_exclude(f->family, f->saddr) || in_exclude(f->family, f->daddr))
+		return 0;
+#endif
+#ifdef TCPSTATE_FILTER_PORTS
+	if (!include_ports.lookup(&f->sport) && !include_ports.lookup(&f->dport))
+		return 0;
+#endif
+	return 1;
+}
+
+#if defined(TCPSTATE_FILTER_INCLUDE_CIDR) || defined(TCPSTATE_FILTER_EXCLUDE_CIDR) || \
+	defined(TCPSTATE_FILTER_PORTS) || defined(TCPSTATE_EMIT_EVENTS)
+#define TCPSTATE_NEED_FLOW 1
+#endif
+
+/* The verifier allows only ctx+constant loads; without this barrier clang reads flow
+ * fields back through a computed ctx pointer instead of the stack copy. */
+#define TCPSTATE_FLOW_BARRIER() asm volatile("" ::: "memory")
+
+/* Tracepoints with separate v4/v6 address fields share these names. */
+#define TCPSTATE_FLOW_FROM_FIELDS(f, args)                                     \
+	do {                                                                   \
+		(f)->family = (args)->family;                                  \
+		(f)->sport = (args)->sport;                                    \
+		(f)->dport = (args)->dport;                                    \
+		if ((f)->family == TCPSTATE_AF_INET) {                         \
+			__builtin_memcpy((f)->saddr, (args)->saddr, 4);        \
+			__builtin_memcpy((f)->daddr, (args)->daddr, 4);        \
+		} else {                                                       \
+			__builtin_memcpy((f)->saddr, (args)->saddr_v6, 16);    \
+			__builtin_memcpy((f)->daddr, (args)->daddr_v6, 16);    \
+		}                                                              \
+		TCPSTATE_FLOW_BARRIER();                                       \
+	} while (0)
+
+#ifdef TCPSTATE_EMIT_EVENTS
+static __always_inline void emit(void *ctx, struct flow *f, __u64 skaddr, __u8 kind, __u8 oldstate,
+				 __u8 newstate, __u8 reason, __u64 delta_us, struct tcpstate_sock *s)
+{
+	struct tcpstate_event *e = events.ringbuf_reserve(sizeof(struct tcpstate_event));
+	if (!e) {
+		inc_stats(TCPSTATE_STAT_EVENTS_LOST);
+		return;
+	}
+	e->ts_ns = bpf_ktime_get_ns();
+	e->skaddr = skaddr;
+	e->delta_us = delta_us;
+	e->family = f->family;
+	e->sport = f->sport;
+	e->dport = f->dport;
+	e->kind = kind;
+	e->oldstate = oldstate;
+	e->newstate = newstate;
+	e->reason = reason;
+	e->pad[0] = 0;
+	e->pad[1] = 0;
+	__builtin_memcpy(e->saddr, f->saddr, 16);
+	__builtin_memcpy(e->daddr, f->daddr, 16);
+	if (s && s->pid) {
+		e->pid = s->pid;
+		__builtin_memcpy(e->comm, s->comm, TCPSTATE_COMM_LEN);
+	} else {
+		e->pid = 0;
+		__builtin_memset(e->comm, 0, TCPSTATE_COMM_LEN);
+	}
+	events.ringbuf_submit(e, 0);
+}
+#endif
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+	if (args->protocol != TCPSTATE_IPPROTO_TCP)
+		return 0;
+#ifdef TCPSTATE_NEED_FLOW
+	struct flow f = {};
+	TCPSTATE_FLOW_FROM_FIELDS(&f, args);
+	if (!flow_wanted(&f))
+		return 0;
+#endif
+	__u8 oldstate = tcpstate_clamp_state(args->oldstate);
+	__u8 newstate = tcpstate_clamp_state(args->newstate);
+	__u64 skaddr = (__u64)args->skaddr;
+	__u64 now = bpf_ktime_get_ns();
+
+	struct tcpstate_sock *s = socks.lookup(&skaddr);
+	if (!s && (newstate == TCPSTATE_TCP_SYN_SENT || newstate == TCPSTATE_TCP_SYN_RECV ||
+		   newstate == TCPSTATE_TCP_LISTEN)) {
+		struct tcpstate_sock fresh = {};
+		fresh.state_ts_ns = now;
+		fresh.state = oldstate;
+		if (socks.update(&skaddr, &fresh) != 0)
+			inc_stats(TCPSTATE_STAT_SOCK_TABLE_FULL);
+		s = socks.lookup(&skaddr);
+	} else if (!s) {
+		inc_stats(TCPSTATE_STAT_SOCK_UNTRACKED);
+	}
+
+	__u8 counted = tcpstate_counted_newstate(oldstate, newstate, s ? s->flags : 0);
+	inc_transitions(oldstate * TCPSTATE_NSTATES + counted);
+
+	if (oldstate == TCPSTATE_TCP_SYN_SENT && newstate == TCPSTATE_TCP_CLOSE) {
+		__u32 zero = 0;
+		int err = 0;
+		struct last_error *le = last_err.lookup(&zero);
+		if (le && le->ts_ns && le->sport == args->sport && le->dport == args->dport) {
+			err = le->error;
+			le->ts_ns = 0;
+		}
+		inc_connect_fails(tcpstate_failure_class(err));
+	}
+
+	__u64 delta_us = 0;
+	if (s) {
+		if (newstate == TCPSTATE_TCP_SYN_SENT || newstate == TCPSTATE_TCP_LISTEN) {
+			/* connect() and listen() run in the owning process's context. */
+			s->pid = bpf_get_current_pid_tgid() >> 32;
+			bpf_get_current_comm(&s->comm, sizeof(s->comm));
+		}
+		if (newstate == TCPSTATE_TCP_SYN_SENT)
+			s->syn_ts_ns = now;
+		if (newstate == TCPSTATE_TCP_ESTABLISHED) {
+			if (oldstate == TCPSTATE_TCP_SYN_SENT && s->syn_ts_ns)
+				observe(TCPSTATE_HIST_HANDSHAKE, now - s->syn_ts_ns);
+			s->est_ts_ns = now;
+		}
+		if (newstate == TCPSTATE_TCP_CLOSE) {
+			if (s->est_ts_ns)
+				observe(TCPSTATE_HIST_LIFETIME, now - s->est_ts_ns);
+			s->est_ts_ns = 0;
+			s->prev_state = oldstate;
+		}
+		if (s->state_ts_ns)
+			delta_us = (now - s->state_ts_ns) / 1000;
+		s->state_ts_ns = now;
+		s->state = newstate;
+	}
+#ifdef TCPSTATE_EMIT_EVENTS
+	emit(args, &f, skaddr, TCPSTATE_EV_TRANSITION, oldstate, counted, 0, delta_us, s);
+#endif
+	return 0;
+}
+
+#ifdef TCPSTATE_HAVE_TCP_SEND_RESET
+TRACEPOINT_PROBE(tcp, tcp_send_reset)
+{
+	struct flow f = {};
+#ifdef TCPSTATE_SEND_RESET_SOCKADDR
+	/* saddr/daddr are sockaddr_in/sockaddr_in6 images: family, port (network order), address. */
+	f.family = args->saddr[0] | (args->saddr[1] << 8);
+	f.sport = (args->saddr[2] << 8) | args->saddr[3];
+	f.dport = (args->daddr[2] << 8) | args->daddr[3];
+	if (f.family == TCPSTATE_AF_INET) {
+		__builtin_memcpy(f.saddr, args->saddr + 4, 4);
+		__builtin_memcpy(f.daddr, args->daddr + 4, 4);
+	} else {
+		__builtin_memcpy(f.saddr, args->saddr + 8, 16);
+		__builtin_memcpy(f.daddr, args->daddr + 8, 16);
+	}
+	TCPSTATE_FLOW_BARRIER();
+#elif defined(TCPSTATE_SEND_RESET_HAS_FAMILY)
+	TCPSTATE_FLOW_FROM_FIELDS(&f, args);
+#else
+	/* The oldest layout has no family; its v6 fields hold v4-mapped addresses for v4. */
+	f.family = TCPSTATE_AF_INET6;
+	f.sport = args->sport;
+	f.dport = args->dport;
+	__builtin_memcpy(f.saddr, args->saddr_v6, 16);
+	__builtin_memcpy(f.daddr, args->daddr_v6, 16);
+	TCPSTATE_FLOW_BARRIER();
+#endif
+	if (!flow_wanted(&f))
+		return 0;
+
+	__u64 skaddr = (__u64)args->skaddr;
+	struct tcpstate_sock *s = NULL;
+	if (skaddr)
+		s = socks.lookup(&skaddr);
+#ifdef TCPSTATE_SEND_RESET_HAS_STATE
+	int tp_state = args->state;
+#else
+	int tp_state = -1;
+#endif
+#ifdef TCPSTATE_SEND_RESET_HAS_REASON
+	__u8 reason = tcpstate_clamp_reason(args->reason);
+#else
+	__u8 reason = TCPSTATE_REASON_UNKNOWN;
+#endif
+	__u8 state = tcpstate_reset_state(skaddr != 0, tp_state, s != NULL, s ? s->state : 0,
+					  s ? s->prev_state : 0);
+	/* A socket that sends a reset before it closes (keepalive or FIN_WAIT2 timeout)
+	 * is not entering TIME_WAIT. */
+	if (s && s->state != TCPSTATE_TCP_CLOSE)
+		s->flags |= TCPSTATE_SOCK_RESET_SEEN;
+	inc_resets((TCPSTATE_DIR_SENT * TCPSTATE_NSTATES + state) * TCPSTATE_NREASONS + reason);
+#ifdef TCPSTATE_EMIT_EVENTS
+	emit(args, &f, skaddr, TCPSTATE_EV_RESET_SENT, state, state, reason, 0, s);
+#endif
+	return 0;
+}
+#endif
+
+#ifdef TCPSTATE_HAVE_TCP_RECEIVE_RESET
+TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+{
+#ifdef TCPSTATE_NEED_FLOW
+	struct flow f = {};
+	TCPSTATE_FLOW_FROM_FIELDS(&f, args);
+	if (!flow_wanted(&f))
+		return 0;
+#endif
+	__u64 skaddr = (__u64)args->skaddr;
+	struct tcpstate_sock *s = socks.lookup(&skaddr);
+	__u8 state = TCPSTATE_STATE_UNKNOWN;
+	if (s) {
+		state = tcpstate_clamp_state(s->state);
+		s->flags |= TCPSTATE_SOCK_RESET_SEEN;
+	}
+	inc_resets((TCPSTATE_DIR_RECEIVED * TCPSTATE_NSTATES + state) * TCPSTATE_NREASONS +
+		      TCPSTATE_REASON_UNKNOWN);
+#ifdef TCPSTATE_EMIT_EVENTS
+	emit(args, &f, skaddr, TCPSTATE_EV_RESET_RECEIVED, state, state, TCPSTATE_REASON_UNKNOWN, 0, s);
+#endif
+	return 0;
+}
+#endif
+
+#ifdef TCPSTATE_HAVE_INET_SK_ERROR_REPORT
+TRACEPOINT_PROBE(sock, inet_sk_error_report)
+{
+	/* The kernel reports 0 as well (the error being consumed); keep the real one. */
+	if (args->protocol != TCPSTATE_IPPROTO_TCP || args->error == 0)
+		return 0;
+	__u32 zero = 0;
+	struct last_error *le = last_err.lookup(&zero);
+	if (le) {
+		le->ts_ns = bpf_ktime_get_ns();
+		le->error = args->error;
+		le->sport = args->sport;
+		le->dport = args->dport;
+	}
+	return 0;
+}
+#endif
+
+#ifdef TCPSTATE_HAVE_TCP_DESTROY_SOCK
+TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
+{
+	/* Frees the slot at once instead of waiting for LRU eviction. */
+	__u64 skaddr = (__u64)args->skaddr;
+	socks.delete(&skaddr);
+	return 0;
+}
+#endif

@@ -1,0 +1,112 @@
+/* tcpstate.h: the layout shared by bpf/tcpstate.c and monitor/events.py (constants, map indexes, structs). */
+#ifndef TCPSTATE_H
+#define TCPSTATE_H
+
+#include <linux/types.h>
+
+/* Kernel TCP states are 1..13; 0 and 15 are ours. */
+#define TCPSTATE_NSTATES 16
+#define TCPSTATE_STATE_NONE 0     /* a reset sent where no socket matched */
+#define TCPSTATE_STATE_UNKNOWN 15 /* a socket we never saw enter a state */
+
+/* Kernel state numbers (include/net/tcp_states.h), stable since 2.6. */
+#define TCPSTATE_TCP_ESTABLISHED 1
+#define TCPSTATE_TCP_SYN_SENT 2
+#define TCPSTATE_TCP_SYN_RECV 3
+#define TCPSTATE_TCP_FIN_WAIT1 4
+#define TCPSTATE_TCP_FIN_WAIT2 5
+#define TCPSTATE_TCP_TIME_WAIT 6
+#define TCPSTATE_TCP_CLOSE 7
+#define TCPSTATE_TCP_CLOSE_WAIT 8
+#define TCPSTATE_TCP_LAST_ACK 9
+#define TCPSTATE_TCP_LISTEN 10
+#define TCPSTATE_TCP_CLOSING 11
+
+/* Reset reasons: the kernel's enum sk_rst_reason values below 63; 63 is "UNKNOWN"
+ * (a received reset, a kernel without the reason field, or a value out of range). */
+#define TCPSTATE_NREASONS 64
+#define TCPSTATE_REASON_UNKNOWN 63
+
+#define TCPSTATE_DIR_SENT 0
+#define TCPSTATE_DIR_RECEIVED 1
+
+/* resets_total index: (direction * NSTATES + state) * NREASONS + reason */
+#define TCPSTATE_NRESETS (2 * TCPSTATE_NSTATES * TCPSTATE_NREASONS)
+/* transitions_total index: oldstate * NSTATES + newstate (newstate after TIME_WAIT inference) */
+#define TCPSTATE_NTRANSITIONS (TCPSTATE_NSTATES * TCPSTATE_NSTATES)
+
+#define TCPSTATE_FAIL_REFUSED 0
+#define TCPSTATE_FAIL_TIMEOUT 1
+#define TCPSTATE_FAIL_RESET 2
+#define TCPSTATE_FAIL_OTHER 3
+#define TCPSTATE_NFAILS 4
+
+/* Histogram upper bounds in microseconds. Fine at the low end (loopback handshakes
+ * take tens of us) and around the SYN retransmission times (1 s, 3 s, 7 s). */
+#define TCPSTATE_HIST_BOUNDS_US { 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000, 1000000, 2000000, 4000000, 8000000, 16000000, 32000000, 64000000, 128000000, 300000000, 900000000, 3600000000 }
+#define TCPSTATE_HIST_NBOUNDS 24
+/* Per histogram: NBOUNDS finite buckets, one +Inf bucket, then the sum in ns. */
+#define TCPSTATE_HIST_STRIDE (TCPSTATE_HIST_NBOUNDS + 2)
+#define TCPSTATE_HIST_HANDSHAKE 0
+#define TCPSTATE_HIST_LIFETIME 1
+#define TCPSTATE_NHIST 2
+
+/* stats index */
+#define TCPSTATE_STAT_EVENTS_LOST 0    /* ring buffer full (watch only) */
+#define TCPSTATE_STAT_SOCK_TABLE_FULL 1 /* a socket could not be inserted into socks */
+#define TCPSTATE_STAT_SOCK_UNTRACKED 2 /* a transition of a socket not in socks */
+#define TCPSTATE_NSTATS 4
+
+/* Event kinds for the watch stream */
+#define TCPSTATE_EV_TRANSITION 0
+#define TCPSTATE_EV_RESET_SENT 1
+#define TCPSTATE_EV_RESET_RECEIVED 2
+
+#define TCPSTATE_COMM_LEN 16
+
+#define TCPSTATE_SOCK_RESET_SEEN 1
+
+/* Per-socket memory (value of the socks LRU table, keyed by socket address). */
+struct tcpstate_sock {
+	__u64 state_ts_ns; /* when the current state was entered */
+	__u64 syn_ts_ns;   /* when SYN_SENT was entered; 0 if never */
+	__u64 est_ts_ns;   /* when ESTABLISHED was entered; 0 once the lifetime is observed */
+	__u32 pid;         /* tgid of the process that called connect()/listen(); 0 if unknown */
+	__u8 state;        /* current state */
+	__u8 prev_state;   /* the state left when the socket moved to CLOSE */
+	__u8 flags;        /* TCPSTATE_SOCK_* */
+	__u8 pad;
+	char comm[TCPSTATE_COMM_LEN];
+};
+
+/* One record of the watch stream; ordered by alignment, mirrored in monitor/events.py. */
+struct tcpstate_event {
+	__u64 ts_ns;      /* bpf_ktime_get_ns() */
+	__u64 skaddr;
+	__u64 delta_us;   /* time spent in oldstate; 0 if unknown */
+	__u32 pid;
+	__u16 family;
+	__u16 sport;      /* host byte order */
+	__u16 dport;
+	__u8 kind;        /* TCPSTATE_EV_* */
+	__u8 oldstate;    /* for resets: the attributed state */
+	__u8 newstate;
+	__u8 reason;
+	__u8 pad[2];
+	__u8 saddr[16];   /* IPv4 in the first 4 bytes */
+	__u8 daddr[16];
+	char comm[TCPSTATE_COMM_LEN];
+};
+
+/* Key of the CIDR filter tries (BPF LPM trie keys start with the prefix length). */
+struct tcpstate_lpm_v4 {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct tcpstate_lpm_v6 {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+#endif /* TCPSTATE_H */

@@ -1,0 +1,92 @@
+"""aggregator.py: turn raw in-kernel counter arrays into named transitions, resets, opens, failures and histograms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .events import C, DIRECTIONS, FAILURE_REASONS, HIST_BOUNDS_SECONDS, reason_name
+from .states import NUMBERS, state_name
+
+NSTATES = C["TCPSTATE_NSTATES"]
+NREASONS = C["TCPSTATE_NREASONS"]
+NBOUNDS = C["TCPSTATE_HIST_NBOUNDS"]
+STRIDE = C["TCPSTATE_HIST_STRIDE"]
+
+
+@dataclass(frozen=True)
+class RawCounters:
+    """Per-key sums over CPUs of each counter map, in map index order."""
+
+    transitions: tuple
+    resets: tuple
+    connect_fails: tuple
+    durations: tuple
+    stats: tuple
+
+
+@dataclass(frozen=True)
+class Histogram:
+    buckets: tuple  # ((upper_bound_seconds, cumulative_count), ...) ending with (inf, count)
+    count: int
+    sum_seconds: float
+
+
+@dataclass
+class Counts:
+    transitions: dict = field(default_factory=dict)  # (from, to) -> n, non-zero only
+    resets: dict = field(default_factory=dict)  # (direction, state, reason) -> n, non-zero only
+    opened: dict = field(default_factory=dict)  # active|passive -> n
+    failures: dict = field(default_factory=dict)  # refused|timeout|reset|other -> n
+    handshake: Histogram | None = None
+    lifetime: Histogram | None = None
+    events_lost: int = 0
+    socket_table_full: int = 0
+    untracked_transitions: int = 0
+
+
+def _histogram(raw: tuple, which: int) -> Histogram:
+    base = which * STRIDE
+    cumulative = 0
+    buckets = []
+    for i, bound in enumerate(HIST_BOUNDS_SECONDS):
+        cumulative += raw[base + i]
+        buckets.append((bound, cumulative))
+    cumulative += raw[base + NBOUNDS]
+    buckets.append((float("inf"), cumulative))
+    return Histogram(buckets=tuple(buckets), count=cumulative, sum_seconds=raw[base + NBOUNDS + 1] / 1e9)
+
+
+def aggregate(raw: RawCounters, reasons: dict[int, str]) -> Counts:
+    """Name every non-zero counter; derive opens from the transitions."""
+    counts = Counts()
+    for idx, n in enumerate(raw.transitions):
+        if n:
+            counts.transitions[(state_name(idx // NSTATES), state_name(idx % NSTATES))] = n
+    for idx, n in enumerate(raw.resets):
+        if n:
+            direction, rest = divmod(idx, NSTATES * NREASONS)
+            state, reason = divmod(rest, NREASONS)
+            key = (DIRECTIONS[direction], state_name(state), reason_name(reasons, reason))
+            counts.resets[key] = counts.resets.get(key, 0) + n
+    est = NUMBERS["ESTABLISHED"]
+    counts.opened = {
+        "active": raw.transitions[NUMBERS["SYN_SENT"] * NSTATES + est],
+        "passive": raw.transitions[NUMBERS["SYN_RECV"] * NSTATES + est],
+    }
+    counts.failures = dict(zip(FAILURE_REASONS, raw.connect_fails))
+    counts.handshake = _histogram(raw.durations, C["TCPSTATE_HIST_HANDSHAKE"])
+    counts.lifetime = _histogram(raw.durations, C["TCPSTATE_HIST_LIFETIME"])
+    counts.events_lost = raw.stats[C["TCPSTATE_STAT_EVENTS_LOST"]]
+    counts.socket_table_full = raw.stats[C["TCPSTATE_STAT_SOCK_TABLE_FULL"]]
+    counts.untracked_transitions = raw.stats[C["TCPSTATE_STAT_SOCK_UNTRACKED"]]
+    return counts
+
+
+def empty_raw() -> RawCounters:
+    return RawCounters(
+        transitions=(0,) * C["TCPSTATE_NTRANSITIONS"],
+        resets=(0,) * C["TCPSTATE_NRESETS"],
+        connect_fails=(0,) * C["TCPSTATE_NFAILS"],
+        durations=(0,) * (C["TCPSTATE_NHIST"] * STRIDE),
+        stats=(0,) * C["TCPSTATE_NSTATS"],
+    )

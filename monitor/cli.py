@@ -1,0 +1,277 @@
+"""cli.py: the `tcpstate` command group (run, check, watch)."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import signal
+import sys
+import threading
+import time
+
+import click
+from prometheus_client import CollectorRegistry
+
+from . import __version__
+from .config import CIDR, DEFAULT_LISTEN_ADDRESS, DEFAULT_MAX_SOCKETS, LISTEN_ADDRESS, PORT, make_filters
+from .tracefs import MISSING_EFFECT, TRACEPOINTS, TracefsError, detect_layout, ensure_tracefs
+
+log = logging.getLogger("tcpstate")
+
+
+class Fatal(click.ClickException):
+    """A runtime failure with its cause and fix; exit 1, one line, no traceback."""
+
+
+class OneLineErrors(click.Group):
+    """click prints usage plus a multi-line error; tcpstate prints one line and exits 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name or "tcpstate", complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else "tcpstate"
+            click.echo(f"{where}: error: {exc.format_message()} (see '{where} --help')", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"tcpstate: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("tcpstate: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv or 0)
+
+
+def filter_options(fn):
+    options = [
+        click.option("--include-cidr", "include_cidr", type=CIDR, multiple=True, envvar="TCPSTATE_INCLUDE_CIDR",
+                     help="Only connections with an endpoint in this CIDR (IPv4 or IPv6). Repeatable."),
+        click.option("--exclude-cidr", "exclude_cidr", type=CIDR, multiple=True, envvar="TCPSTATE_EXCLUDE_CIDR",
+                     help="Drop connections with an endpoint in this CIDR. Repeatable."),
+        click.option("--include-port", "include_port", type=PORT, multiple=True, envvar="TCPSTATE_INCLUDE_PORT",
+                     help="Only connections with this local or remote port. Repeatable."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _require_privileges() -> None:
+    from .probes import running_as_privileged
+
+    ok, why = running_as_privileged()
+    if not ok:
+        raise Fatal(why)
+
+
+def _layout():
+    try:
+        root = ensure_tracefs()
+    except TracefsError as exc:
+        raise Fatal(str(exc)) from None
+    layout = detect_layout(root)
+    for group, name, _required in TRACEPOINTS:
+        if layout.usable(name):
+            log.info("tracepoint %s:%s: %s", group, name, layout.describe(name))
+        elif name in MISSING_EFFECT:
+            log.warning("tracepoint %s:%s: %s; running without it: %s", group, name, layout.describe(name),
+                        MISSING_EFFECT[name])
+    return layout
+
+
+def _attach(layout, filters, **kwargs):
+    from .probes import ProbeError, Probes
+
+    probes = Probes(layout, filters, **kwargs)
+    try:
+        probes.attach()
+    except ProbeError as exc:
+        raise Fatal(str(exc)) from None
+    return probes
+
+
+def _stop_event() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum, _frame):
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="tcpstate")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              envvar="TCPSTATE_LOG_LEVEL", show_default=True, help="Log verbosity (logs go to stderr).")
+def cli(log_level):
+    """tcpstate: live TCP connection states, resets and failed connects, counted in the kernel
+    from tracepoints and served to Prometheus.
+
+    \b
+    Examples:
+      sudo tcpstate check                      # can tcpstate run here?
+      sudo tcpstate run                        # serve metrics on :9966
+      sudo tcpstate watch --include-port 443   # stream transitions and resets
+    """
+    _setup_logging(log_level)
+
+
+@cli.command()
+@click.option("--listen-address", type=LISTEN_ADDRESS, default=DEFAULT_LISTEN_ADDRESS, show_default=True,
+              envvar="TCPSTATE_LISTEN_ADDRESS", help="HOST:PORT to serve on; [ADDR]:PORT for IPv6.")
+@filter_options
+@click.option("--max-sockets", type=click.IntRange(1024, 1 << 24), default=DEFAULT_MAX_SOCKETS, show_default=True,
+              envvar="TCPSTATE_MAX_SOCKETS", help="Size of the in-kernel per-socket table (LRU).")
+def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets):
+    """Run the daemon: attach the tracepoints and serve /metrics.
+
+    Serves / (a landing page), /metrics, /-/healthy, and /-/ready (200 once every
+    available probe is attached). SIGTERM or SIGINT detaches everything and exits 0.
+
+    \b
+    Examples:
+      sudo tcpstate run
+      sudo tcpstate run --listen-address 127.0.0.1:9966
+      sudo tcpstate run --include-cidr 10.0.0.0/8 --include-cidr 2001:db8::/32
+      sudo tcpstate run --exclude-cidr 127.0.0.0/8 --exclude-cidr ::1/128
+      sudo TCPSTATE_INCLUDE_PORT="80 443" tcpstate run
+    """
+    from .aggregator import aggregate
+    from .collector import TcpstateCollector
+    from .probes import bcc_version
+    from .server import Exporter, ServerError
+
+    filters = make_filters(include_cidr, exclude_cidr, include_port)
+    _require_privileges()
+    registry = CollectorRegistry(auto_describe=False)
+    exporter = Exporter(listen_address, registry, filters.describe())
+    try:
+        exporter.start()
+    except ServerError as exc:
+        raise Fatal(str(exc)) from None
+    stop = _stop_event()
+    probes = None
+    try:
+        layout = _layout()
+        log.info("filters: %s", filters.describe())
+        probes = _attach(layout, filters, max_sockets=max_sockets)
+        build = {"version": __version__, "kernel": platform.release(), "bcc_version": bcc_version(),
+                 "send_reset_layout": layout.send_reset_variant or "none"}
+        registry.register(TcpstateCollector(lambda: aggregate(probes.read(), layout.reason_names),
+                                            lambda: probes.attached, build))
+        exporter.ready.set()
+        log.info("ready: serving http://%s/metrics", listen_address)
+        stop.wait()
+    finally:
+        exporter.stop()
+        if probes is not None:
+            probes.close()
+        log.info("stopped")
+    return 0
+
+
+@cli.command()
+def check():
+    """Check that `tcpstate run` can work on this host.
+
+    Prints one line per item (privileges, tracefs, each tracepoint and its layout,
+    bcc, kernel headers, a test compile) with OK, WARN or FAIL and the fix.
+    Exits 0 when `run` would work (WARN lines included), 1 otherwise.
+
+    \b
+    Example:
+      sudo tcpstate check
+    """
+    from .check import run_checks
+
+    items = run_checks()
+    for item in items:
+        click.echo(item.line())
+    failed = [i for i in items if i.status == "FAIL"]
+    click.echo("tcpstate run would not work: fix the FAIL lines above" if failed else "tcpstate run would work")
+    return 1 if failed else 0
+
+
+@cli.command()
+@filter_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table.")
+def watch(include_cidr, exclude_cidr, include_port, as_json):
+    """Stream TCP transitions and resets live.
+
+    Each line shows the endpoints, the states (for a reset, the state the connection
+    was in and the kernel's reason), the time spent in the previous state, and the
+    process that opened the socket when known. Events the ring buffer had to drop
+    are reported on stderr, never dropped silently.
+
+    \b
+    Examples:
+      sudo tcpstate watch
+      sudo tcpstate watch --include-port 5432 --json | jq .
+      sudo tcpstate watch --exclude-cidr 127.0.0.0/8
+    """
+    from .events import DecodeError, decode_event
+    from .watch import Clock, json_line, table_header, table_row
+
+    filters = make_filters(include_cidr, exclude_cidr, include_port)
+    _require_privileges()
+    stop = _stop_event()
+    layout = _layout()
+    probes = _attach(layout, filters, emit_events=True)
+    clock = Clock()
+    out = sys.stdout
+    decode_errors = 0
+    lost_seen = 0
+
+    def on_event(data, size):
+        nonlocal decode_errors
+        try:
+            ev = decode_event(data, size, layout.reason_names)
+        except DecodeError:
+            decode_errors += 1
+            return
+        out.write((json_line(ev, clock) if as_json else table_row(ev, clock)) + "\n")
+
+    def report_lost():
+        nonlocal lost_seen
+        lost = probes.read_stats()["events_lost"]
+        if lost > lost_seen:
+            click.echo(f"tcpstate: lost {lost - lost_seen} events (ring buffer full; {lost} in all)", err=True)
+            lost_seen = lost
+
+    try:
+        if not as_json:
+            out.write(table_header() + "\n")
+        probes.open_events(on_event)
+        next_report = time.monotonic() + 1
+        while not stop.is_set():
+            probes.poll_events(200)
+            out.flush()
+            if time.monotonic() >= next_report:
+                report_lost()
+                next_report = time.monotonic() + 1
+        report_lost()
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `| head`); nothing left to say
+    finally:
+        probes.close()
+    if decode_errors:
+        click.echo(f"tcpstate: {decode_errors} records had an unexpected size and were skipped", err=True)
+    return 0
+
+
+def main() -> None:
+    cli(prog_name="tcpstate")
+
+
+if __name__ == "__main__":
+    main()

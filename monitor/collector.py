@@ -1,0 +1,98 @@
+"""collector.py: a Prometheus Collector that reads the in-kernel counters at scrape time and yields fresh metric families."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from .aggregator import Counts, Histogram
+from .events import FAILURE_REASONS
+
+log = logging.getLogger(__name__)
+
+
+def _hist_family(name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
+    buckets = [("+Inf" if math.isinf(b) else repr(b), c) for b, c in hist.buckets]
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=hist.sum_seconds)
+
+
+class TcpstateCollector(Collector):
+    """read_counts: returns the current Counts (from the probes, or recorded data in tests).
+    attached: tracepoint -> bool. build: labels of tcpstate_build_info."""
+
+    def __init__(self, read_counts: Callable[[], Counts], attached: Callable[[], dict], build: dict):
+        self._read_counts = read_counts
+        self._attached = attached
+        self._build = build
+        self._read_errors = 0
+
+    def collect(self):
+        build = GaugeMetricFamily("tcpstate_build_info", "tcpstate version and the kernel it runs on; always 1.",
+                                  labels=sorted(self._build))
+        build.add_metric([self._build[k] for k in sorted(self._build)], 1)
+        yield build
+
+        attached = GaugeMetricFamily("tcpstate_probe_attached",
+                                     "1 if the tracepoint is attached, 0 if this kernel lacks it or it failed.",
+                                     labels=["tracepoint"])
+        for tp, ok in sorted(self._attached().items()):
+            attached.add_metric([tp], 1 if ok else 0)
+        yield attached
+
+        try:
+            counts = self._read_counts()
+        except Exception:  # a failed map read must not break the other metrics of the scrape
+            log.exception("reading the in-kernel counters failed")
+            self._read_errors += 1
+            counts = None
+        yield CounterMetricFamily("tcpstate_counter_read_errors", "Scrapes whose in-kernel counter read failed.",
+                                  value=self._read_errors)
+        if counts is None:
+            return
+
+        transitions = CounterMetricFamily(
+            "tcpstate_transitions", "TCP state transitions; FIN_WAIT2/CLOSING->CLOSE not caused by a reset "
+            "is counted as ->TIME_WAIT.", labels=["from_state", "to_state"])
+        for (old, new), n in sorted(counts.transitions.items()):
+            transitions.add_metric([old, new], n)
+        yield transitions
+
+        resets = CounterMetricFamily(
+            "tcpstate_resets", "TCP resets by direction, the state the connection was in, and the kernel's reason.",
+            labels=["direction", "state", "reason"])
+        for (direction, state, reason), n in sorted(counts.resets.items()):
+            resets.add_metric([direction, state, reason], n)
+        yield resets
+
+        opened = CounterMetricFamily("tcpstate_connections_opened",
+                                     "Connections that reached ESTABLISHED: active (connect) or passive (accept).",
+                                     labels=["direction"])
+        for direction in ("active", "passive"):
+            opened.add_metric([direction], counts.opened.get(direction, 0))
+        yield opened
+
+        failures = CounterMetricFamily("tcpstate_connect_failures",
+                                       "Connects that went SYN_SENT->CLOSE, by the socket error.", labels=["reason"])
+        for reason in FAILURE_REASONS:
+            failures.add_metric([reason], counts.failures.get(reason, 0))
+        yield failures
+
+        yield _hist_family("tcpstate_handshake_duration_seconds",
+                           "Time from SYN_SENT to ESTABLISHED, one per active open.", counts.handshake)
+        yield _hist_family("tcpstate_connection_duration_seconds",
+                           "Time from ESTABLISHED until the socket closes or enters TIME_WAIT, one per socket.",
+                           counts.lifetime)
+
+        yield CounterMetricFamily("tcpstate_events_lost", "Watch events dropped because the ring buffer was full.",
+                                  value=counts.events_lost)
+        yield CounterMetricFamily("tcpstate_socket_table_full",
+                                  "Sockets that could not be added to the in-kernel socket table.",
+                                  value=counts.socket_table_full)
+        yield CounterMetricFamily("tcpstate_untracked_transitions",
+                                  "Transitions of sockets not in the socket table (opened before tcpstate "
+                                  "started, or evicted); their durations are not observed.",
+                                  value=counts.untracked_transitions)

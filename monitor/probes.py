@@ -1,0 +1,212 @@
+"""probes.py: compile bpf/tcpstate.c for this kernel's layout, attach it, and read its maps (the only module importing bcc)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+from .aggregator import RawCounters
+from .config import DEFAULT_MAX_SOCKETS, Filters
+from .events import C, bpf_dir
+from .tracefs import TRACEPOINTS, Layout
+
+log = logging.getLogger(__name__)
+
+
+class ProbeError(RuntimeError):
+    """The program could not be built or attached; the message names the cause and the fix."""
+
+
+def import_bcc():
+    try:
+        import bcc  # noqa: F401  (the Debian package python3-bpfcc)
+        from bcc import BPF
+    except ImportError as exc:
+        raise ProbeError(
+            f"cannot import bcc ({exc}): install python3-bpfcc (apt-get install python3-bpfcc) and run "
+            "from a virtualenv made with --system-site-packages (make setup does both)"
+        ) from None
+    return BPF
+
+
+def headers_dir() -> Path:
+    return Path("/lib/modules", platform.release(), "build")
+
+
+def check_headers() -> str:
+    """Path of the kernel headers bcc will use, or a ProbeError naming the fix."""
+    build = headers_dir()
+    if not (build / "include").is_dir():
+        raise ProbeError(
+            f"kernel headers missing: {build} does not exist; run 'make setup' (installs "
+            f"linux-headers-{platform.release()} or the distribution's generic headers and links them there)"
+        )
+    return str(build.resolve())
+
+
+def bcc_version() -> str:
+    try:
+        import bcc
+
+        return getattr(bcc, "__version__", "unknown")
+    except ImportError:
+        return "missing"
+
+
+def possible_cpus() -> int:
+    from bcc.utils import get_possible_cpus
+
+    return len(get_possible_cpus())
+
+
+class Probes:
+    """The loaded program: build flags from the layout and filters, then read counters."""
+
+    COUNTER_MAPS = ("transitions", "resets", "connect_fails", "durations", "stats")
+
+    def __init__(self, layout: Layout, filters: Filters = Filters(), emit_events: bool = False,
+                 max_sockets: int = DEFAULT_MAX_SOCKETS):
+        self.layout = layout
+        self.filters = filters
+        self.emit_events = emit_events
+        self.max_sockets = max_sockets
+        self.bpf = None
+        self._ncpus = 0
+        self._buffers: dict = {}
+        self._lock = threading.Lock()
+
+    def cflags(self) -> list[str]:
+        flags = [f"-I{bpf_dir()}", f"-DTCPSTATE_MAX_SOCKS={self.max_sockets}"] + self.layout.cflags()
+        if self.filters.include_cidrs:
+            flags.append("-DTCPSTATE_FILTER_INCLUDE_CIDR")
+        if self.filters.exclude_cidrs:
+            flags.append("-DTCPSTATE_FILTER_EXCLUDE_CIDR")
+        if self.filters.include_ports:
+            flags.append("-DTCPSTATE_FILTER_PORTS")
+        if self.emit_events:
+            flags.append("-DTCPSTATE_EMIT_EVENTS")
+        return flags
+
+    @property
+    def attached(self) -> dict[str, bool]:
+        """tracepoint ("group:name") -> attached."""
+        return {f"{g}:{n}": self.bpf is not None and self.layout.usable(n) for g, n, _ in TRACEPOINTS}
+
+    def attach(self) -> None:
+        if not self.layout.usable("inet_sock_set_state"):
+            raise ProbeError(
+                "tracepoint sock:inet_sock_set_state is " + self.layout.describe("inet_sock_set_state")
+                + ": tcpstate needs it (Linux >= 4.16)"
+            )
+        BPF = import_bcc()
+        check_headers()
+        src = bpf_dir() / "tcpstate.c"
+        # bcc attaches TRACEPOINT_PROBEs as it loads them, before the filter maps are filled:
+        # include filters reject everything until then; an exclude filter may let the events
+        # of those few microseconds through.
+        try:
+            self.bpf = BPF(src_file=str(src).encode(), cflags=self.cflags())
+        except Exception as exc:  # bcc raises bare Exception for compile and load errors
+            raise ProbeError(f"could not compile or load {src}: {exc} (run 'tcpstate check' for details)") from None
+        self._fill_filters()
+        self._ncpus = possible_cpus()
+        log.debug("attached: %s", ", ".join(k for k, v in self.attached.items() if v))
+
+    def _fill_filters(self) -> None:
+        def fill(prefix: str, cidrs) -> None:
+            v4, v6 = self.bpf[f"{prefix}_v4"], self.bpf[f"{prefix}_v6"]
+            for net in cidrs:
+                table = v4 if net.version == 4 else v6
+                key = table.Key()
+                key.prefixlen = net.prefixlen
+                raw = net.network_address.packed
+                for i, b in enumerate(raw):
+                    key.addr[i] = b
+                table[key] = table.Leaf(1)
+
+        if self.filters.include_cidrs:
+            fill("include", self.filters.include_cidrs)
+        if self.filters.exclude_cidrs:
+            fill("exclude", self.filters.exclude_cidrs)
+        if self.filters.include_ports:
+            ports = self.bpf["include_ports"]
+            for port in self.filters.include_ports:
+                ports[ports.Key(port)] = ports.Leaf(1)
+
+    def _read_percpu(self, name: str) -> tuple:
+        """Per-key sums of a per-CPU u64 array, in one BPF_MAP_LOOKUP_BATCH call."""
+        from bcc.libbcc import lib
+
+        table = self.bpf[name]
+        n = table.max_entries
+        bufs = self._buffers.get(name)
+        if bufs is None:
+            # bcc's own batch helper sizes values for one CPU; per-CPU maps need ncpus each.
+            bufs = ((ctypes.c_uint32 * n)(), (ctypes.c_uint64 * (n * self._ncpus))())
+            self._buffers[name] = bufs
+        keys, values = bufs
+        count = ctypes.c_uint32(n)
+        out_batch = ctypes.c_uint32(0)
+        res = lib.bpf_lookup_batch(table.map_fd, None, ctypes.byref(out_batch), keys, values, ctypes.byref(count))
+        if res != 0 and count.value != n:
+            return self._read_percpu_slow(table, n)
+        ncpus = self._ncpus
+        flat = values[:]
+        sums = [0] * n
+        for i in range(count.value):
+            sums[keys[i]] = sum(flat[i * ncpus:(i + 1) * ncpus]) & 0xFFFFFFFFFFFFFFFF
+        return tuple(sums)
+
+    @staticmethod
+    def _read_percpu_slow(table, n: int) -> tuple:
+        # Kernels before 5.6 have no batch lookup for arrays.
+        return tuple(sum(table.getvalue(table.Key(i))) & 0xFFFFFFFFFFFFFFFF for i in range(n))
+
+    def read(self) -> RawCounters:
+        if self.bpf is None:
+            raise ProbeError("probes are not attached")
+        with self._lock:  # concurrent scrapes share the read buffers
+            return RawCounters(*(self._read_percpu(name) for name in self.COUNTER_MAPS))
+
+    def read_stats(self) -> dict[str, int]:
+        with self._lock:
+            raw = self._read_percpu("stats")
+        return {"events_lost": raw[C["TCPSTATE_STAT_EVENTS_LOST"]],
+                "socket_table_full": raw[C["TCPSTATE_STAT_SOCK_TABLE_FULL"]],
+                "untracked_transitions": raw[C["TCPSTATE_STAT_SOCK_UNTRACKED"]]}
+
+    def open_events(self, callback) -> None:
+        """Call callback(data_ptr, size) for each watch record (needs emit_events=True)."""
+        self.bpf["events"].open_ring_buffer(lambda _ctx, data, size: callback(data, size))
+
+    def poll_events(self, timeout_ms: int) -> None:
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+def running_as_privileged() -> tuple[bool, str]:
+    """Root, or the capabilities BPF tracepoints need (CAP_BPF+CAP_PERFMON, or CAP_SYS_ADMIN)."""
+    if os.geteuid() == 0:
+        return True, "running as root"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                eff = int(line.split()[1], 16)
+                break
+        else:
+            eff = 0
+    except OSError:
+        eff = 0
+    sys_admin, perfmon, bpf_cap = bool(eff >> 21 & 1), bool(eff >> 38 & 1), bool(eff >> 39 & 1)
+    if sys_admin or (perfmon and bpf_cap):
+        return True, "has the capabilities to load BPF tracepoint programs"
+    return False, "not root and lacks CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN): run with sudo"
+
