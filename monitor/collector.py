@@ -49,7 +49,7 @@ class TcpstateCollector(Collector):
             log.exception("reading the in-kernel counters failed")
             self._read_errors += 1
             counts = None
-        yield CounterMetricFamily("tcpstate_counter_read_errors", "Scrapes whose in-kernel counter read failed.",
+        yield CounterMetricFamily("tcpstate_map_read_errors", "Scrapes whose in-kernel counter read failed.",
                                   value=self._read_errors)
         if counts is None:
             return

@@ -1,0 +1,36 @@
+# Makefile: set up the host and the virtualenv, run the daemon, run the tests. Every target is idempotent.
+PYTHON := /usr/bin/python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: setup host run test unit kernel check clean
+
+setup: host $(STAMP)
+
+host:
+	@bash deploy/setup-host.sh
+
+# bcc comes from the OS (python3-bpfcc), hence --system-site-packages.
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+run: setup
+	$(VENV)/bin/tcpstate run $(ARGS)
+
+check: setup
+	$(VENV)/bin/tcpstate check
+
+test: setup
+	$(VENV)/bin/python -m pytest -ra tests
+
+unit: $(STAMP)
+	$(VENV)/bin/python -m pytest -ra tests/unit
+
+kernel: setup
+	$(VENV)/bin/python -m pytest -ra tests/kernel
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,149 @@
+"""Build bpf/tcpstate_logic.h with gcc and check the decisions the kernel program makes, and the header's layout."""
+
+import ctypes
+import subprocess
+import textwrap
+
+import pytest
+
+from monitor import events
+from monitor.events import C, Event, SockInfo, bpf_dir
+
+HARNESS = textwrap.dedent("""
+    #include <stddef.h>
+    #include <stdio.h>
+    #include "tcpstate_logic.h"
+
+    int counted_newstate(int o, int n, int flags) { return tcpstate_counted_newstate(o, n, flags); }
+    int reset_state(int has_sk, int tp_state, int tracked, int cur, int prev)
+    { return tcpstate_reset_state(has_sk, tp_state, tracked, cur, prev); }
+    int failure_class(int err) { return tcpstate_failure_class(err); }
+    int hist_bucket(unsigned long long us) { return tcpstate_hist_bucket(us); }
+    int clamp_reason(unsigned int r) { return tcpstate_clamp_reason(r); }
+
+    #define O(s, f) printf(#s "." #f " %zu %zu\\n", offsetof(struct s, f), sizeof(((struct s *)0)->f))
+    void layout(void)
+    {
+        printf("sizeof.tcpstate_event %zu\\n", sizeof(struct tcpstate_event));
+        printf("sizeof.tcpstate_sock %zu\\n", sizeof(struct tcpstate_sock));
+        O(tcpstate_event, ts_ns); O(tcpstate_event, skaddr); O(tcpstate_event, delta_us);
+        O(tcpstate_event, pid); O(tcpstate_event, family); O(tcpstate_event, sport);
+        O(tcpstate_event, dport); O(tcpstate_event, kind); O(tcpstate_event, oldstate);
+        O(tcpstate_event, newstate); O(tcpstate_event, reason); O(tcpstate_event, saddr);
+        O(tcpstate_event, daddr); O(tcpstate_event, comm);
+        O(tcpstate_sock, state_ts_ns); O(tcpstate_sock, syn_ts_ns); O(tcpstate_sock, est_ts_ns);
+        O(tcpstate_sock, pid); O(tcpstate_sock, state); O(tcpstate_sock, prev_state);
+        O(tcpstate_sock, flags); O(tcpstate_sock, comm);
+        printf("const.TCPSTATE_NRESETS %d\\n", TCPSTATE_NRESETS);
+        printf("const.TCPSTATE_NTRANSITIONS %d\\n", TCPSTATE_NTRANSITIONS);
+        printf("const.TCPSTATE_HIST_STRIDE %d\\n", TCPSTATE_HIST_STRIDE);
+        printf("const.TCPSTATE_REASON_UNKNOWN %d\\n", TCPSTATE_REASON_UNKNOWN);
+        printf("const.TCPSTATE_STATE_UNKNOWN %d\\n", TCPSTATE_STATE_UNKNOWN);
+    }
+""")
+
+ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, LISTEN, CLOSING = range(1, 12)
+RESET_SEEN = C["TCPSTATE_SOCK_RESET_SEEN"]
+
+
+@pytest.fixture(scope="module")
+def logic(tmp_path_factory):
+    d = tmp_path_factory.mktemp("logic")
+    (d / "harness.c").write_text(HARNESS)
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", f"-I{bpf_dir()}", "-o", str(d / "logic.so"), str(d / "harness.c")],
+                   check=True)
+    lib = ctypes.CDLL(str(d / "logic.so"))
+    lib.hist_bucket.argtypes = [ctypes.c_ulonglong]
+    lib.clamp_reason.argtypes = [ctypes.c_uint]
+    return lib
+
+
+@pytest.fixture(scope="module")
+def c_layout(logic, tmp_path_factory):
+    d = tmp_path_factory.mktemp("layout")
+    (d / "main.c").write_text(HARNESS + "int main(void) { layout(); return 0; }\n")
+    subprocess.run(["gcc", f"-I{bpf_dir()}", "-o", str(d / "layout"), str(d / "main.c")], check=True)
+    out = subprocess.run([str(d / "layout")], check=True, capture_output=True, text=True).stdout
+    return {k: tuple(int(x) for x in v.split()) for k, v in (line.split(" ", 1) for line in out.splitlines())}
+
+
+def test_event_struct_matches_header(c_layout):
+    assert ctypes.sizeof(Event) == c_layout["sizeof.tcpstate_event"][0]
+    for name, *_ in Event._fields_:
+        if name == "pad":
+            continue
+        off, size = c_layout[f"tcpstate_event.{name}"]
+        assert (getattr(Event, name).offset, getattr(Event, name).size) == (off, size), name
+
+
+def test_sock_struct_matches_header(c_layout):
+    assert ctypes.sizeof(SockInfo) == c_layout["sizeof.tcpstate_sock"][0]
+    for name, *_ in SockInfo._fields_:
+        if name == "pad":
+            continue
+        assert (getattr(SockInfo, name).offset, getattr(SockInfo, name).size) == c_layout[f"tcpstate_sock.{name}"], name
+
+
+def test_python_reads_the_same_constants(c_layout):
+    for key, (value,) in ((k, v) for k, v in c_layout.items() if k.startswith("const.")):
+        assert C[key.split(".", 1)[1]] == value
+
+
+def test_time_wait_inferred_from_fin_wait2_and_closing(logic):
+    assert logic.counted_newstate(FIN_WAIT2, CLOSE, 0) == TIME_WAIT
+    assert logic.counted_newstate(CLOSING, CLOSE, 0) == TIME_WAIT
+
+
+def test_no_time_wait_after_a_reset(logic):
+    assert logic.counted_newstate(FIN_WAIT2, CLOSE, RESET_SEEN) == CLOSE
+    assert logic.counted_newstate(CLOSING, CLOSE, RESET_SEEN) == CLOSE
+
+
+@pytest.mark.parametrize("old,new", [(LAST_ACK, CLOSE), (ESTABLISHED, CLOSE), (SYN_SENT, CLOSE), (LISTEN, CLOSE),
+                                     (FIN_WAIT1, FIN_WAIT2), (CLOSE_WAIT, LAST_ACK), (FIN_WAIT1, CLOSING)])
+def test_other_transitions_are_reported_as_the_kernel_says(logic, old, new):
+    assert logic.counted_newstate(old, new, 0) == new
+
+
+def test_reset_sent_without_socket_is_state_none(logic):
+    assert logic.reset_state(0, 0, 0, 0, 0) == 0  # e.g. SYN to a closed port
+
+
+def test_abort_reset_reports_the_state_left(logic):
+    # SO_LINGER {1,0}: the kernel sets CLOSE, then sends the reset with state CLOSE.
+    assert logic.reset_state(1, CLOSE, 1, CLOSE, ESTABLISHED) == ESTABLISHED
+    assert logic.reset_state(1, CLOSE, 1, CLOSE, CLOSE_WAIT) == CLOSE_WAIT
+
+
+def test_reset_state_from_tracepoint_when_socket_is_live(logic):
+    assert logic.reset_state(1, ESTABLISHED, 1, ESTABLISHED, 0) == ESTABLISHED
+    assert logic.reset_state(1, SYN_RECV, 0, 0, 0) == SYN_RECV
+
+
+def test_reset_in_close_of_unknown_socket_stays_close(logic):
+    assert logic.reset_state(1, CLOSE, 0, 0, 0) == CLOSE
+
+
+def test_reset_state_without_state_field_uses_our_table(logic):
+    assert logic.reset_state(1, -1, 1, FIN_WAIT2, 0) == FIN_WAIT2
+    assert logic.reset_state(1, -1, 0, 0, 0) == C["TCPSTATE_STATE_UNKNOWN"]
+
+
+@pytest.mark.parametrize("err,cls", [(111, "refused"), (110, "timeout"), (104, "reset"), (113, "other"), (0, "other")])
+def test_failure_classification(logic, err, cls):
+    assert events.FAILURE_REASONS[logic.failure_class(err)] == cls
+
+
+def test_histogram_buckets_separate_1ms_1s_and_3s_handshakes(logic):
+    bounds = C["TCPSTATE_HIST_BOUNDS_US"]
+    one_ms, one_s, three_s = logic.hist_bucket(1000), logic.hist_bucket(1_003_000), logic.hist_bucket(3_004_000)
+    assert len({one_ms, one_s, three_s}) == 3
+    assert bounds[one_ms] == 1000 and bounds[one_s - 1] < 1_003_000 <= bounds[one_s]
+    assert logic.hist_bucket(0) == 0
+    assert logic.hist_bucket(bounds[-1]) == len(bounds) - 1
+    assert logic.hist_bucket(bounds[-1] + 1) == len(bounds)  # +Inf
+
+
+def test_reason_clamped_to_unknown(logic):
+    assert logic.clamp_reason(1) == 1
+    assert logic.clamp_reason(500) == C["TCPSTATE_REASON_UNKNOWN"]

@@ -1,0 +1,33 @@
+"""Parsing of listen addresses and filters."""
+
+import ipaddress
+
+import pytest
+
+from monitor.config import make_filters, parse_listen_address
+
+
+@pytest.mark.parametrize("text,host,port", [
+    (":9966", "0.0.0.0", 9966),
+    ("127.0.0.1:80", "127.0.0.1", 80),
+    ("[::1]:9966", "::1", 9966),
+    ("[::]:0", "::", 0),
+    ("localhost:9966", "localhost", 9966),
+])
+def test_listen_address(text, host, port):
+    addr = parse_listen_address(text)
+    assert (addr.host, addr.port) == (host, port)
+
+
+@pytest.mark.parametrize("text", ["9966", "::1:9966", "[::1]9966", "1.2.3.4:", "1.2.3.4:http", "a b:1", "[::1]:70000"])
+def test_bad_listen_address(text):
+    with pytest.raises(ValueError):
+        parse_listen_address(text)
+
+
+def test_filters_dedupe_and_describe():
+    f = make_filters([ipaddress.ip_network("10.0.0.0/8")] * 2, [ipaddress.ip_network("::1/128")], [443, 80, 443])
+    assert f.include_cidrs == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert f.include_ports == (80, 443)
+    assert f.describe() == "include 10.0.0.0/8; exclude ::1/128; ports 80,443"
+    assert make_filters().describe() == "none"
