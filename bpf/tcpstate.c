@@ -36,15 +36,17 @@ BPF_PERCPU_ARRAY(durations, __u64, TCPSTATE_NHIST * TCPSTATE_HIST_STRIDE);
 BPF_PERCPU_ARRAY(stats, __u64, TCPSTATE_NSTATS);
 BPF_TABLE("lru_hash", __u64, struct tcpstate_sock, socks, TCPSTATE_MAX_SOCKS);
 
-/* The socket error is reported (no skaddr in that tracepoint) just before the
- * SYN_SENT->CLOSE transition, in the same call chain on the same CPU. */
-struct last_error {
-	__u64 ts_ns;
-	__s32 error;
+/* A failed connect (SYN_SENT->CLOSE) waits here until we know why. The kernel reports the
+ * socket error (a tracepoint without skaddr) right *after* the transition, in the same call
+ * chain on the same CPU; a connect the application abandoned has no error and is destroyed
+ * right away instead. Whichever comes first counts the failure, once, never decrementing. */
+struct pending_fail {
+	__u64 skaddr;
 	__u16 sport;
 	__u16 dport;
+	__u32 valid;
 };
-BPF_PERCPU_ARRAY(last_err, struct last_error, 1);
+BPF_PERCPU_ARRAY(pending_fail, struct pending_fail, 1);
 
 #ifdef TCPSTATE_FILTER_INCLUDE_CIDR
 BPF_LPM_TRIE(include_v4, struct tcpstate_lpm_v4, __u8, 1024);
@@ -84,6 +86,28 @@ static __always_inline void observe(int hist, __u64 delta_ns)
 	__u64 *sum = durations.lookup(&sum_idx);
 	if (sum)
 		*sum += delta_ns;
+}
+
+static __always_inline void fail_pending(__u64 skaddr, __u16 sport, __u16 dport)
+{
+	__u32 zero = 0;
+	struct pending_fail *pf = pending_fail.lookup(&zero);
+	if (!pf)
+		return;
+	if (pf->valid)  /* nothing explained the previous one: no error was reported */
+		inc_connect_fails(TCPSTATE_FAIL_OTHER);
+	pf->valid = 0;
+#if defined(TCPSTATE_HAVE_INET_SK_ERROR_REPORT) && defined(TCPSTATE_HAVE_TCP_DESTROY_SOCK)
+	/* sport 0: connect() failed before a local port was bound (e.g. EADDRNOTAVAIL), no report follows. */
+	if (sport != 0) {
+		pf->skaddr = skaddr;
+		pf->sport = sport;
+		pf->dport = dport;
+		pf->valid = 1;
+		return;
+	}
+#endif
+	inc_connect_fails(TCPSTATE_FAIL_OTHER);
 }
 
 static __always_inline int v4_mapped(const __u8 *a)
@@ -236,16 +260,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	__u8 counted = tcpstate_counted_newstate(oldstate, newstate, s ? s->flags : 0);
 	inc_transitions(oldstate * TCPSTATE_NSTATES + counted);
 
-	if (oldstate == TCPSTATE_TCP_SYN_SENT && newstate == TCPSTATE_TCP_CLOSE) {
-		__u32 zero = 0;
-		int err = 0;
-		struct last_error *le = last_err.lookup(&zero);
-		if (le && le->ts_ns && le->sport == args->sport && le->dport == args->dport) {
-			err = le->error;
-			le->ts_ns = 0;
-		}
-		inc_connect_fails(tcpstate_failure_class(err));
-	}
+	if (oldstate == TCPSTATE_TCP_SYN_SENT && newstate == TCPSTATE_TCP_CLOSE)
+		fail_pending(skaddr, args->sport, args->dport);
 
 	__u64 delta_us = 0;
 	if (s) {
@@ -365,16 +381,14 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 #ifdef TCPSTATE_HAVE_INET_SK_ERROR_REPORT
 TRACEPOINT_PROBE(sock, inet_sk_error_report)
 {
-	/* The kernel reports 0 as well (the error being consumed); keep the real one. */
+	/* The kernel reports 0 as well, once the error is consumed; only real errors classify. */
 	if (args->protocol != TCPSTATE_IPPROTO_TCP || args->error == 0)
 		return 0;
 	__u32 zero = 0;
-	struct last_error *le = last_err.lookup(&zero);
-	if (le) {
-		le->ts_ns = bpf_ktime_get_ns();
-		le->error = args->error;
-		le->sport = args->sport;
-		le->dport = args->dport;
+	struct pending_fail *pf = pending_fail.lookup(&zero);
+	if (pf && pf->valid && pf->sport == args->sport && pf->dport == args->dport) {
+		pf->valid = 0;
+		inc_connect_fails(tcpstate_failure_class(args->error));
 	}
 	return 0;
 }
@@ -383,8 +397,14 @@ TRACEPOINT_PROBE(sock, inet_sk_error_report)
 #ifdef TCPSTATE_HAVE_TCP_DESTROY_SOCK
 TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 {
-	/* Frees the slot at once instead of waiting for LRU eviction. */
 	__u64 skaddr = (__u64)args->skaddr;
+	__u32 zero = 0;
+	struct pending_fail *pf = pending_fail.lookup(&zero);
+	if (pf && pf->valid && pf->skaddr == skaddr) {
+		pf->valid = 0;
+		inc_connect_fails(TCPSTATE_FAIL_OTHER);
+	}
+	/* Frees the slot at once instead of waiting for LRU eviction. */
 	socks.delete(&skaddr);
 	return 0;
 }

@@ -118,7 +118,7 @@ class Probes:
 
     def _fill_filters(self) -> None:
         def fill(prefix: str, cidrs) -> None:
-            v4, v6 = self.bpf[f"{prefix}_v4"], self.bpf[f"{prefix}_v6"]
+            v4, v6 = self.bpf[f"{prefix}_v4".encode()], self.bpf[f"{prefix}_v6".encode()]
             for net in cidrs:
                 table = v4 if net.version == 4 else v6
                 key = table.Key()
@@ -133,7 +133,7 @@ class Probes:
         if self.filters.exclude_cidrs:
             fill("exclude", self.filters.exclude_cidrs)
         if self.filters.include_ports:
-            ports = self.bpf["include_ports"]
+            ports = self.bpf[b"include_ports"]
             for port in self.filters.include_ports:
                 ports[ports.Key(port)] = ports.Leaf(1)
 
@@ -141,7 +141,7 @@ class Probes:
         """Per-key sums of a per-CPU u64 array, in one BPF_MAP_LOOKUP_BATCH call."""
         from bcc.libbcc import lib
 
-        table = self.bpf[name]
+        table = self.bpf[name.encode()]
         n = table.max_entries
         bufs = self._buffers.get(name)
         if bufs is None:
@@ -181,7 +181,7 @@ class Probes:
 
     def open_events(self, callback) -> None:
         """Call callback(data_ptr, size) for each watch record (needs emit_events=True)."""
-        self.bpf["events"].open_ring_buffer(lambda _ctx, data, size: callback(data, size))
+        self.bpf[b"events"].open_ring_buffer(lambda _ctx, data, size: callback(data, size))
 
     def poll_events(self, timeout_ms: int) -> None:
         self.bpf.ring_buffer_poll(timeout_ms)

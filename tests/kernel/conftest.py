@@ -1,0 +1,116 @@
+"""Kernel-test fixtures: root, a namespace pair, probes attached to the running kernel, counter deltas."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from monitor.aggregator import aggregate
+from monitor.config import Filters
+from monitor.tracefs import detect_layout, ensure_tracefs
+
+from .netns import NetnsPair
+
+TEST_NET = ipaddress.ip_network("198.18.0.0/15")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/kernel/" in str(item.fspath):
+            item.add_marker(pytest.mark.kernel)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def require_root():
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("kernel tests need root; CI runs them as root")
+        pytest.skip("kernel tests need root (sudo make test)")
+
+
+@pytest.fixture(scope="session")
+def layout():
+    return detect_layout(ensure_tracefs())
+
+
+@pytest.fixture(scope="session")
+def netns():
+    pair = NetnsPair()
+    pair.down()
+    pair.up()
+    yield pair
+    pair.down()
+
+
+def attach(layout, filters: Filters, **kwargs):
+    from monitor.probes import Probes
+
+    p = Probes(layout, filters, **kwargs)
+    p.attach()
+    return p
+
+
+@pytest.fixture(scope="module")
+def probes(layout):
+    """Probes that count only the test network, so other traffic on the host cannot leak in."""
+    p = attach(layout, Filters(include_cidrs=(TEST_NET,)))
+    yield p
+    p.close()
+
+
+@dataclass
+class Delta:
+    transitions: dict
+    resets: dict
+    opened: dict
+    failures: dict
+    handshakes: int
+    lifetimes: int
+
+
+def _diff(after: dict, before: dict) -> dict:
+    out = {k: v - before.get(k, 0) for k, v in after.items()}
+    return {k: v for k, v in out.items() if v}
+
+
+class Meter:
+    """Counter deltas since creation, read from the maps."""
+
+    def __init__(self, probes, layout):
+        self.probes = probes
+        self.reasons = layout.reason_names
+        self.before = self._read()
+
+    def _read(self):
+        return aggregate(self.probes.read(), self.reasons)
+
+    def delta(self) -> Delta:
+        a, b = self._read(), self.before
+        return Delta(
+            transitions=_diff(a.transitions, b.transitions),
+            resets=_diff(a.resets, b.resets),
+            opened=_diff(a.opened, b.opened),
+            failures=_diff(a.failures, b.failures),
+            handshakes=a.handshake.count - b.handshake.count,
+            lifetimes=a.lifetime.count - b.lifetime.count,
+        )
+
+    def settle(self, expected_transitions: dict, timeout: float = 10.0) -> Delta:
+        """Wait until the transitions reach what is expected (the last ACKs are asynchronous),
+        then a little longer so that any excess would show too."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.delta().transitions == expected_transitions:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        return self.delta()
+
+
+@pytest.fixture
+def meter(probes, layout):
+    return Meter(probes, layout)

@@ -1,0 +1,63 @@
+"""Network namespaces the tests create (198.18.0.0/15 only), and sockets made inside them."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+import subprocess
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def in_netns(name: str):
+    """Switch this thread into a namespace; sockets made meanwhile stay in it."""
+    with open("/proc/thread-self/ns/net") as own, open(f"/var/run/netns/{name}") as target:
+        if _libc.setns(target.fileno(), CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns({name})")
+        try:
+            yield
+        finally:
+            if _libc.setns(own.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+
+
+def socket_in(ns: str, family: int = socket.AF_INET) -> socket.socket:
+    with in_netns(ns):
+        return socket.socket(family, socket.SOCK_STREAM)
+
+
+class NetnsPair:
+    """Client namespace A (198.18.0.1) and server namespace B (198.18.0.2, .3) joined by veth."""
+
+    CLIENT_ADDR = "198.18.0.1"
+    SERVER_ADDR = "198.18.0.2"
+    SERVER_ADDR2 = "198.18.0.3"
+
+    def __init__(self):
+        tag = os.getpid()
+        self.client = f"tcpst-a-{tag}"
+        self.server = f"tcpst-b-{tag}"
+
+    def up(self) -> "NetnsPair":
+        ip("netns", "add", self.client)
+        ip("netns", "add", self.server)
+        ip("link", "add", "tst0", "netns", self.client, "type", "veth", "peer", "name", "tst0", "netns", self.server)
+        ip("-n", self.client, "addr", "add", f"{self.CLIENT_ADDR}/24", "dev", "tst0")
+        ip("-n", self.server, "addr", "add", f"{self.SERVER_ADDR}/24", "dev", "tst0")
+        ip("-n", self.server, "addr", "add", f"{self.SERVER_ADDR2}/24", "dev", "tst0")
+        for ns in (self.client, self.server):
+            ip("-n", ns, "link", "set", "lo", "up")
+            ip("-n", ns, "link", "set", "tst0", "up")
+        return self
+
+    def down(self) -> None:
+        for ns in (self.client, self.server):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -1,0 +1,140 @@
+"""Exact counter deltas for real connections between namespaces, as the kernel reports them."""
+
+import ipaddress
+import socket
+
+from . import traffic
+from .conftest import TEST_NET, Meter, attach
+from monitor.config import Filters
+
+N = 25
+
+
+def handshake_transitions(n):
+    return {("CLOSE", "SYN_SENT"): n, ("SYN_SENT", "ESTABLISHED"): n,
+            ("LISTEN", "SYN_RECV"): n, ("SYN_RECV", "ESTABLISHED"): n}
+
+
+LISTENER = {("CLOSE", "LISTEN"): 1, ("LISTEN", "CLOSE"): 1}
+
+
+def test_client_closes_first(netns, meter):
+    with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:
+        traffic.client_closes_first(netns.client, lst, N)
+    expected = {**LISTENER, **handshake_transitions(N),
+                ("ESTABLISHED", "FIN_WAIT1"): N, ("FIN_WAIT1", "FIN_WAIT2"): N, ("FIN_WAIT2", "TIME_WAIT"): N,
+                ("ESTABLISHED", "CLOSE_WAIT"): N, ("CLOSE_WAIT", "LAST_ACK"): N, ("LAST_ACK", "CLOSE"): N}
+    d = meter.settle(expected)
+    assert d.transitions == expected
+    assert ("FIN_WAIT2", "CLOSE") not in d.transitions
+    assert d.resets == {}
+    assert d.opened == {"active": N, "passive": N}
+    assert d.failures == {}
+    assert d.handshakes == N
+    assert d.lifetimes == 2 * N  # both ends live on this host
+
+
+def test_server_closes_first(netns, meter):
+    with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:
+        traffic.server_closes_first(netns.client, lst, N)
+    expected = {**LISTENER, **handshake_transitions(N),
+                ("ESTABLISHED", "FIN_WAIT1"): N, ("FIN_WAIT1", "FIN_WAIT2"): N, ("FIN_WAIT2", "TIME_WAIT"): N,
+                ("ESTABLISHED", "CLOSE_WAIT"): N, ("CLOSE_WAIT", "LAST_ACK"): N, ("LAST_ACK", "CLOSE"): N}
+    d = meter.settle(expected)
+    assert d.transitions == expected
+    assert d.resets == {}
+    assert d.opened == {"active": N, "passive": N}
+    assert d.handshakes == N and d.lifetimes == 2 * N
+
+
+def test_connects_to_a_closed_port(netns, meter):
+    traffic.refused(netns.client, netns.SERVER_ADDR, 9, N)
+    expected = {("CLOSE", "SYN_SENT"): N, ("SYN_SENT", "CLOSE"): N}
+    d = meter.settle(expected)
+    assert d.transitions == expected
+    assert d.resets == {("sent", "NONE", "NO_SOCKET"): N, ("received", "SYN_SENT", "UNKNOWN"): N}
+    assert d.failures == {"refused": N}
+    assert d.opened == {}
+    assert d.handshakes == 0 and d.lifetimes == 0
+
+
+def test_aborts_with_so_linger_zero(netns, meter, layout):
+    with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:
+        traffic.linger_aborts(netns.client, lst, N)
+    expected = {**LISTENER, **handshake_transitions(N), ("ESTABLISHED", "CLOSE"): 2 * N}
+    d = meter.settle(expected)
+    assert d.transitions == expected  # no TIME_WAIT: a reset ended both ends
+    sent = {k: v for k, v in d.resets.items() if k[0] == "sent"}
+    assert sum(sent.values()) == N and all(k[1] == "ESTABLISHED" for k in sent)  # the state left, not CLOSE
+    (reason,) = {k[2] for k in sent}
+    if layout.send_reset_has_reason:
+        assert reason in layout.reason_names.values() and reason in ("TCP_STATE", "TCP_ABORT_ON_LINGER")
+    assert d.resets[("received", "ESTABLISHED", "UNKNOWN")] == N
+    assert d.failures == {}
+    assert d.lifetimes == 2 * N
+
+
+def test_aborts_with_unread_data(netns, meter, layout):
+    n = 10
+    with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:
+        traffic.unread_data_aborts(netns.client, lst, n)
+    expected = {**LISTENER, **handshake_transitions(n), ("ESTABLISHED", "CLOSE"): 2 * n}
+    d = meter.settle(expected)
+    assert d.transitions == expected
+    reason = "TCP_ABORT_ON_CLOSE" if layout.send_reset_has_reason else "UNKNOWN"
+    assert d.resets == {("sent", "ESTABLISHED", reason): n, ("received", "ESTABLISHED", "UNKNOWN"): n}
+
+
+def test_ipv6(netns, layout):
+    """Loopback ::1 inside the server namespace; filtered to ::1 and the listener's port."""
+    with traffic.Listener(netns.server, "::1", family=socket.AF_INET6) as lst:
+        p = attach(layout, Filters(include_cidrs=(ipaddress.ip_network("::1/128"),), include_ports=(lst.port,)))
+        try:
+            meter = Meter(p, layout)
+            traffic.client_closes_first(netns.server, lst, N)
+            lst.close()
+            traffic.refused(netns.server, "::1", lst.port, 1, family=socket.AF_INET6)
+            expected = {**handshake_transitions(N), ("LISTEN", "CLOSE"): 1,
+                        ("ESTABLISHED", "FIN_WAIT1"): N, ("FIN_WAIT1", "FIN_WAIT2"): N, ("FIN_WAIT2", "TIME_WAIT"): N,
+                        ("ESTABLISHED", "CLOSE_WAIT"): N, ("CLOSE_WAIT", "LAST_ACK"): N, ("LAST_ACK", "CLOSE"): N}
+            expected[("CLOSE", "SYN_SENT")] = N + 1
+            expected[("SYN_SENT", "CLOSE")] = 1
+            d = meter.settle(expected)
+            assert d.transitions == expected
+            assert d.resets == {("sent", "NONE", "NO_SOCKET"): 1, ("received", "SYN_SENT", "UNKNOWN"): 1}
+            assert d.failures == {"refused": 1}
+            assert d.handshakes == N and d.lifetimes == 2 * N
+        finally:
+            p.close()
+
+
+def test_exclude_cidr(netns, layout):
+    p = attach(layout, Filters(include_cidrs=(TEST_NET,), exclude_cidrs=(ipaddress.ip_network("198.18.0.2/32"),)))
+    try:
+        meter = Meter(p, layout)
+        with traffic.Listener(netns.server, netns.SERVER_ADDR) as excluded:
+            traffic.client_closes_first(netns.client, excluded, 5)
+        traffic.refused(netns.client, netns.SERVER_ADDR, 9, 5)
+        with traffic.Listener(netns.server, netns.SERVER_ADDR2) as counted:
+            traffic.client_closes_first(netns.client, counted, 3)
+        d = meter.settle({("CLOSE", "SYN_SENT"): 3})
+        assert d.opened == {"active": 3, "passive": 3}
+        assert d.transitions[("CLOSE", "SYN_SENT")] == 3
+        assert d.resets == {} and d.failures == {}
+    finally:
+        p.close()
+
+
+def test_include_port(netns, layout):
+    with traffic.Listener(netns.server, netns.SERVER_ADDR) as wanted, \
+            traffic.Listener(netns.server, netns.SERVER_ADDR) as other:
+        p = attach(layout, Filters(include_ports=(wanted.port,)))
+        try:
+            meter = Meter(p, layout)
+            traffic.client_closes_first(netns.client, other, 4)
+            traffic.client_closes_first(netns.client, wanted, 2)
+            d = meter.settle({})
+            assert d.opened == {"active": 2, "passive": 2}
+            assert d.handshakes == 2
+        finally:
+            p.close()

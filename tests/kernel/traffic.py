@@ -1,0 +1,109 @@
+"""Real TCP traffic between sockets the tests own: each helper makes exactly n connections of one kind."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from .netns import socket_in
+
+
+class Listener:
+    """A listening socket in a namespace; closing it is the test's LISTEN->CLOSE."""
+
+    def __init__(self, ns: str, addr: str, port: int = 0, family: int = socket.AF_INET):
+        self.family = family
+        self.sock = socket_in(ns, family)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((addr, port))
+        self.sock.listen(512)
+        self.sock.settimeout(5)
+        self.addr = addr
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _connect(client_ns: str, listener: Listener) -> tuple[socket.socket, socket.socket]:
+    c = socket_in(client_ns, listener.family)
+    c.settimeout(5)
+    c.connect((listener.addr, listener.port))
+    s, _ = listener.sock.accept()
+    s.settimeout(5)
+    return c, s
+
+
+def client_closes_first(client_ns: str, listener: Listener, n: int) -> None:
+    for _ in range(n):
+        c, s = _connect(client_ns, listener)
+        c.close()
+        assert s.recv(1) == b""  # the client's FIN
+        s.close()
+
+
+def server_closes_first(client_ns: str, listener: Listener, n: int) -> None:
+    for _ in range(n):
+        c, s = _connect(client_ns, listener)
+        s.close()
+        assert c.recv(1) == b""
+        c.close()
+
+
+def refused(client_ns: str, addr: str, port: int, n: int, family: int = socket.AF_INET) -> None:
+    for _ in range(n):
+        c = socket_in(client_ns, family)
+        c.settimeout(5)
+        try:
+            c.connect((addr, port))
+        except ConnectionRefusedError:
+            pass
+        else:
+            raise AssertionError(f"{addr}:{port} accepted a connection")
+        finally:
+            c.close()
+
+
+def linger_aborts(client_ns: str, listener: Listener, n: int) -> None:
+    """The client closes with SO_LINGER {1, 0}: a reset instead of a FIN."""
+    for _ in range(n):
+        c, s = _connect(client_ns, listener)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        try:
+            s.recv(1)
+        except ConnectionResetError:
+            pass
+        else:
+            raise AssertionError("server saw no reset")
+        s.close()
+
+
+def unread_data_aborts(client_ns: str, listener: Listener, n: int) -> None:
+    """The server closes with unread data in its receive queue: the kernel aborts with a reset."""
+    for _ in range(n):
+        c, s = _connect(client_ns, listener)
+        c.sendall(b"x" * 10)
+        while not _readable_bytes(s):
+            pass
+        s.close()
+        try:
+            c.recv(1)
+        except ConnectionResetError:
+            pass
+        else:
+            raise AssertionError("client saw no reset")
+        c.close()
+
+
+def _readable_bytes(s: socket.socket) -> bool:
+    try:
+        return bool(s.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
