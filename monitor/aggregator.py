@@ -39,7 +39,9 @@ class Counts:
     failures: dict = field(default_factory=dict)  # refused|timeout|reset|other -> n
     handshake: Histogram | None = None
     lifetime: Histogram | None = None
-    events_lost: int = 0
+    events_lost: int = 0  # kernel-skipped runs plus ring-buffer drops
+    ring_buffer_lost: int = 0
+    programs: dict = field(default_factory=dict)  # tracepoint -> ProgramStats-like (run_time_ns, run_cnt, recursion_misses)
     socket_table_full: int = 0
     untracked_transitions: int = 0
 
@@ -56,9 +58,9 @@ def _histogram(raw: tuple, which: int) -> Histogram:
     return Histogram(buckets=tuple(buckets), count=cumulative, sum_seconds=raw[base + NBOUNDS + 1] / 1e9)
 
 
-def aggregate(raw: RawCounters, reasons: dict[int, str]) -> Counts:
+def aggregate(raw: RawCounters, reasons: dict[int, str], programs: dict | None = None) -> Counts:
     """Name every non-zero counter; derive opens from the transitions."""
-    counts = Counts()
+    counts = Counts(programs=dict(programs or {}))
     for idx, n in enumerate(raw.transitions):
         if n:
             counts.transitions[(state_name(idx // NSTATES), state_name(idx % NSTATES))] = n
@@ -76,7 +78,8 @@ def aggregate(raw: RawCounters, reasons: dict[int, str]) -> Counts:
     counts.failures = dict(zip(FAILURE_REASONS, raw.connect_fails))
     counts.handshake = _histogram(raw.durations, C["TCPSTATE_HIST_HANDSHAKE"])
     counts.lifetime = _histogram(raw.durations, C["TCPSTATE_HIST_LIFETIME"])
-    counts.events_lost = raw.stats[C["TCPSTATE_STAT_EVENTS_LOST"]]
+    counts.ring_buffer_lost = raw.stats[C["TCPSTATE_STAT_EVENTS_LOST"]]
+    counts.events_lost = counts.ring_buffer_lost + sum(p[2] for p in counts.programs.values())
     counts.socket_table_full = raw.stats[C["TCPSTATE_STAT_SOCK_TABLE_FULL"]]
     counts.untracked_transitions = raw.stats[C["TCPSTATE_STAT_SOCK_UNTRACKED"]]
     return counts

@@ -167,7 +167,7 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets):
         probes = _attach(layout, filters, max_sockets=max_sockets)
         build = {"version": __version__, "kernel": platform.release(), "bcc_version": bcc_version(),
                  "send_reset_layout": layout.send_reset_variant or "none"}
-        registry.register(TcpstateCollector(lambda: aggregate(probes.read(), layout.reason_names),
+        registry.register(TcpstateCollector(lambda: aggregate(probes.read(), layout.reason_names, probes.program_stats()),
                                             lambda: probes.attached, build))
         exporter.ready.set()
         log.info("ready: serving http://%s/metrics", listen_address)
@@ -252,6 +252,7 @@ def watch(include_cidr, exclude_cidr, include_port, as_json):
         if not as_json:
             out.write(table_header() + "\n")
         probes.open_events(on_event)
+        log.info("watching (filters: %s); Ctrl-C stops", filters.describe())
         next_report = time.monotonic() + 1
         while not stop.is_set():
             probes.poll_events(200)

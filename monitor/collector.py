@@ -87,8 +87,27 @@ class TcpstateCollector(Collector):
                            "Time from ESTABLISHED until the socket closes or enters TIME_WAIT, one per socket.",
                            counts.lifetime)
 
-        yield CounterMetricFamily("tcpstate_events_lost", "Watch events dropped because the ring buffer was full.",
+        yield CounterMetricFamily("tcpstate_events_lost",
+                                  "Tracepoint hits that were not counted: runs the kernel skipped (see "
+                                  "tcpstate_probe_misses_total) plus watch records dropped by a full ring buffer.",
                                   value=counts.events_lost)
+        misses = CounterMetricFamily("tcpstate_probe_misses",
+                                     "Program runs the kernel skipped because another BPF program was running on "
+                                     "the same CPU (a softirq interrupting it); their events are not counted.",
+                                     labels=["tracepoint"])
+        run_seconds = CounterMetricFamily("tcpstate_probe_run_seconds",
+                                          "CPU time in the tracepoint program (0 unless kernel.bpf_stats_enabled=1).",
+                                          labels=["tracepoint"])
+        runs = CounterMetricFamily("tcpstate_probe_runs",
+                                   "Runs of the tracepoint program (0 unless kernel.bpf_stats_enabled=1).",
+                                   labels=["tracepoint"])
+        for tp, (run_time_ns, run_cnt, recursion_misses) in sorted(counts.programs.items()):
+            misses.add_metric([tp], recursion_misses)
+            run_seconds.add_metric([tp], run_time_ns / 1e9)
+            runs.add_metric([tp], run_cnt)
+        yield misses
+        yield run_seconds
+        yield runs
         yield CounterMetricFamily("tcpstate_socket_table_full",
                                   "Sockets that could not be added to the in-kernel socket table.",
                                   value=counts.socket_table_full)

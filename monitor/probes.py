@@ -8,6 +8,7 @@ import os
 import platform
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 from .aggregator import RawCounters
 from .config import DEFAULT_MAX_SOCKETS, Filters
@@ -15,6 +16,12 @@ from .events import C, bpf_dir
 from .tracefs import TRACEPOINTS, Layout
 
 log = logging.getLogger(__name__)
+
+
+class ProgramStats(NamedTuple):
+    run_time_ns: int
+    run_cnt: int
+    recursion_misses: int  # runs the kernel skipped: another BPF program was active on the CPU
 
 
 class ProbeError(RuntimeError):
@@ -178,6 +185,34 @@ class Probes:
         return {"events_lost": raw[C["TCPSTATE_STAT_EVENTS_LOST"]],
                 "socket_table_full": raw[C["TCPSTATE_STAT_SOCK_TABLE_FULL"]],
                 "untracked_transitions": raw[C["TCPSTATE_STAT_SOCK_UNTRACKED"]]}
+
+    # Offsets in struct bpf_prog_info (uapi, append-only ABI; recursion_misses since 5.12).
+    _INFO_SIZE, _RUN_TIME_NS, _RUN_CNT, _RECURSION_MISSES = 232, 192, 200, 208
+
+    def program_stats(self) -> dict[str, ProgramStats]:
+        """Per tracepoint: the kernel's own accounting of our program's runs. run_time_ns and
+        run_cnt stay 0 unless kernel.bpf_stats_enabled=1; recursion_misses always counts."""
+        from bcc.libbcc import lib
+
+        out = {}
+        if self.bpf is None:
+            return out
+        for group, name, _ in TRACEPOINTS:
+            fn = self.bpf.funcs.get(f"tracepoint__{group}__{name}".encode())
+            if fn is None:
+                continue
+            buf = ctypes.create_string_buffer(self._INFO_SIZE)
+            size = ctypes.c_uint32(self._INFO_SIZE)
+            if lib.bpf_obj_get_info_by_fd(fn.fd, buf, ctypes.byref(size)) != 0:
+                continue
+            raw = buf.raw
+
+            def u64(off, raw=raw, n=size.value):
+                return int.from_bytes(raw[off:off + 8], "little") if off + 8 <= n else 0
+
+            out[f"{group}:{name}"] = ProgramStats(u64(self._RUN_TIME_NS), u64(self._RUN_CNT),
+                                                  u64(self._RECURSION_MISSES))
+        return out
 
     def open_events(self, callback) -> None:
         """Call callback(data_ptr, size) for each watch record (needs emit_events=True)."""

@@ -70,6 +70,7 @@ class Delta:
     failures: dict
     handshakes: int
     lifetimes: int
+    misses: dict  # tracepoint -> runs the kernel skipped meanwhile
 
 
 def _diff(after: dict, before: dict) -> dict:
@@ -86,7 +87,7 @@ class Meter:
         self.before = self._read()
 
     def _read(self):
-        return aggregate(self.probes.read(), self.reasons)
+        return aggregate(self.probes.read(), self.reasons, self.probes.program_stats())
 
     def delta(self) -> Delta:
         a, b = self._read(), self.before
@@ -97,6 +98,7 @@ class Meter:
             failures=_diff(a.failures, b.failures),
             handshakes=a.handshake.count - b.handshake.count,
             lifetimes=a.lifetime.count - b.lifetime.count,
+            misses={tp: st[2] - b.programs[tp][2] for tp, st in a.programs.items()},
         )
 
     def settle(self, expected_transitions: dict, timeout: float = 10.0) -> Delta:

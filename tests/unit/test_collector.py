@@ -48,6 +48,13 @@ def recorded():
     return RawCounters(tuple(tr), tuple(rs), tuple(fails), tuple(durations), tuple(stats))
 
 
+PROGRAMS = {"sock:inet_sock_set_state": (2_500_000_000, 100, 3), "tcp:tcp_send_reset": (0, 0, 0)}
+
+
+def recorded_counts():
+    return aggregate(recorded(), REASONS, PROGRAMS)
+
+
 def registry_for(counts):
     reg = CollectorRegistry(auto_describe=False)
     build = {"version": "0.1.0", "kernel": "6.18.44", "bcc_version": "0.26.0", "send_reset_layout": "sockaddr"}
@@ -67,6 +74,7 @@ def test_aggregate_names_and_derives():
     assert counts.handshake.count == 3 and counts.handshake.sum_seconds == pytest.approx(90e-6)
     assert counts.lifetime.count == 3
     assert counts.untracked_transitions == 5
+    assert aggregate(recorded(), REASONS, PROGRAMS).events_lost == 3
 
 
 def test_reason_missing_from_kernel_table_is_unknown():
@@ -78,7 +86,7 @@ def test_reason_missing_from_kernel_table_is_unknown():
 
 
 def test_sample_values():
-    reg = registry_for(aggregate(recorded(), REASONS))
+    reg = registry_for(recorded_counts())
     v = reg.get_sample_value
     assert v("tcpstate_transitions_total", {"from_state": "SYN_SENT", "to_state": "ESTABLISHED"}) == 3
     assert v("tcpstate_resets_total", {"direction": "sent", "state": "NONE", "reason": "NO_SOCKET"}) == 1
@@ -139,9 +147,21 @@ EXPECTED_TAIL = """\
 tcpstate_connection_duration_seconds_bucket{le="+Inf"} 3.0
 tcpstate_connection_duration_seconds_count 3.0
 tcpstate_connection_duration_seconds_sum 1.00015
-# HELP tcpstate_events_lost_total Watch events dropped because the ring buffer was full.
+# HELP tcpstate_events_lost_total Tracepoint hits that were not counted: runs the kernel skipped (see tcpstate_probe_misses_total) plus watch records dropped by a full ring buffer.
 # TYPE tcpstate_events_lost_total counter
-tcpstate_events_lost_total 0.0
+tcpstate_events_lost_total 3.0
+# HELP tcpstate_probe_misses_total Program runs the kernel skipped because another BPF program was running on the same CPU (a softirq interrupting it); their events are not counted.
+# TYPE tcpstate_probe_misses_total counter
+tcpstate_probe_misses_total{tracepoint="sock:inet_sock_set_state"} 3.0
+tcpstate_probe_misses_total{tracepoint="tcp:tcp_send_reset"} 0.0
+# HELP tcpstate_probe_run_seconds_total CPU time in the tracepoint program (0 unless kernel.bpf_stats_enabled=1).
+# TYPE tcpstate_probe_run_seconds_total counter
+tcpstate_probe_run_seconds_total{tracepoint="sock:inet_sock_set_state"} 2.5
+tcpstate_probe_run_seconds_total{tracepoint="tcp:tcp_send_reset"} 0.0
+# HELP tcpstate_probe_runs_total Runs of the tracepoint program (0 unless kernel.bpf_stats_enabled=1).
+# TYPE tcpstate_probe_runs_total counter
+tcpstate_probe_runs_total{tracepoint="sock:inet_sock_set_state"} 100.0
+tcpstate_probe_runs_total{tracepoint="tcp:tcp_send_reset"} 0.0
 # HELP tcpstate_socket_table_full_total Sockets that could not be added to the in-kernel socket table.
 # TYPE tcpstate_socket_table_full_total counter
 tcpstate_socket_table_full_total 0.0
@@ -152,7 +172,7 @@ tcpstate_untracked_transitions_total 5.0
 
 
 def test_exact_exposition():
-    text = generate_latest(registry_for(aggregate(recorded(), REASONS))).decode()
+    text = generate_latest(registry_for(recorded_counts())).decode()
     assert text.startswith(EXPECTED_HEAD)
     assert text.endswith(EXPECTED_TAIL)
     # 25 buckets per histogram: 24 bounds and +Inf
@@ -162,7 +182,7 @@ def test_exact_exposition():
 def test_promtool_accepts_the_exposition(tmp_path):
     promtool = shutil.which("promtool")
     assert promtool, "promtool missing: make setup installs Debian's prometheus package"
-    text = generate_latest(registry_for(aggregate(recorded(), REASONS)))
+    text = generate_latest(registry_for(recorded_counts()))
     res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
     assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
 

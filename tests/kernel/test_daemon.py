@@ -1,0 +1,142 @@
+"""The installed commands as processes: `tcpstate run` scraped over HTTP, `watch`, `check`."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from . import traffic
+
+TCPSTATE = str(Path(sys.executable).parent / "tcpstate")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def samples(text: str) -> dict:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def transition(text, old, new):
+    return samples(text).get(("tcpstate_transitions_total", (("from_state", old), ("to_state", new))), 0)
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if get(base + "/-/ready")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("tcpstate run never became ready")
+
+
+def test_run_serves_metrics_and_stops_on_sigterm(netns):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([TCPSTATE, "run", "--listen-address", f"127.0.0.1:{port}",
+                             "--include-cidr", "198.18.0.0/15"], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(base, proc)
+        assert get(base + "/-/healthy") == (200, "OK\n")
+        status, page = get(base + "/")
+        assert status == 200 and "/metrics" in page and "198.18.0.0/15" in page
+        assert get(base + "/nope")[0] == 404
+        before = get(base + "/metrics")[1]
+        n = 20
+        with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:
+            traffic.client_closes_first(netns.client, lst, n)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            after = get(base + "/metrics")[1]
+            if transition(after, "LAST_ACK", "CLOSE") - transition(before, "LAST_ACK", "CLOSE") >= n:
+                break
+            time.sleep(0.1)
+        for old, new in [("CLOSE", "SYN_SENT"), ("SYN_SENT", "ESTABLISHED"), ("FIN_WAIT2", "TIME_WAIT"),
+                         ("SYN_RECV", "ESTABLISHED"), ("LAST_ACK", "CLOSE")]:
+            assert transition(after, old, new) - transition(before, old, new) == n, (old, new)
+        s = samples(after)
+        for tp in ("sock:inet_sock_set_state", "tcp:tcp_send_reset", "tcp:tcp_receive_reset",
+                   "sock:inet_sk_error_report", "tcp:tcp_destroy_sock"):
+            assert s[("tcpstate_probe_attached", (("tracepoint", tp),))] == 1
+        promtool = shutil.which("promtool")
+        assert promtool, "promtool missing: make setup installs it"
+        check = subprocess.run([promtool, "check", "metrics"], input=after, capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+    finally:
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=10)
+        took = time.monotonic() - t0
+    assert rc == 0, proc.stderr.read()
+    assert took < 2.0, f"took {took:.2f}s to stop"
+
+
+def test_watch_streams_json_with_process(netns):
+    proc = subprocess.Popen([TCPSTATE, "watch", "--json", "--include-cidr", "198.18.0.0/15"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line, "watch exited before it was ready"
+            if "watching" in line:
+                break
+        n = 5
+        with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:
+            traffic.client_closes_first(netns.client, lst, n)
+        traffic.refused(netns.client, netns.SERVER_ADDR, 9, 1)
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    transitions = [e for e in events if e["kind"] == "transition"]
+    assert len(transitions) == 10 * n + 2 + 2  # n connections, the listener, the refused connect
+    syn = [e for e in transitions if e["newstate"] == "SYN_SENT"]
+    assert len(syn) == n + 1
+    comm = Path("/proc/self/comm").read_text().strip()
+    assert all(e["pid"] == os.getpid() and e["comm"] == comm for e in syn)
+    est = [e for e in transitions if e["oldstate"] == "SYN_SENT" and e["newstate"] == "ESTABLISHED"]
+    assert all(e["saddr"] == netns.CLIENT_ADDR and e["daddr"] == netns.SERVER_ADDR for e in est)
+    assert all(e["prev_state_us"] is not None for e in est)
+    resets = [(e["kind"], e["state"], e["reason"]) for e in events if e["kind"] != "transition"]
+    assert sorted(resets) == [("reset_received", "SYN_SENT", "UNKNOWN"), ("reset_sent", "NONE", "NO_SOCKET")]
+    assert "lost" not in err
+
+
+def test_check_passes_here():
+    res = subprocess.run([TCPSTATE, "check"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert any(line.startswith("OK   tracepoint sock:inet_sock_set_state") for line in lines)
+    assert any(line.startswith("OK   test compile") for line in lines)
+    assert lines[-1] == "tcpstate run would work"
