@@ -10,7 +10,7 @@ set -euo pipefail
 
 kver=$(uname -r)
 arch=$(dpkg --print-architecture)
-packages=(python3-bpfcc python3-venv python3-pip iproute2 prometheus bpftool)
+packages=(python3-bpfcc python3-venv python3-pip iproute2 prometheus bpftool curl)
 [[ ${TCPSTATE_SETUP_MINIMAL:-} == 1 ]] && packages=(python3-bpfcc python3-venv)
 
 say() { echo "setup-host: $*" >&2; }

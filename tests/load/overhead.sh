@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# overhead.sh: loopback-churn throughput with and without `tcpstate run` attached, alternating, in one run.
+# Usage: sudo tests/load/overhead.sh [SECONDS_PER_RUN] [ROUNDS]   (needs `make setup` first)
+# Traffic stays between two namespaces it creates on 198.19.0.0/24; every run is bounded in time.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+secs=${1:-5}
+rounds=${2:-3}
+work=$(mktemp -d)
+a=ovh-a-$$ b=ovh-b-$$ port=19977
+gcc -O2 -pthread -o "$work/churn" tests/load/churn.c
+cleanup() {
+    [[ -n ${srv:-} ]] && kill "$srv" 2>/dev/null
+    [[ -n ${daemon:-} ]] && kill "$daemon" 2>/dev/null
+    ip netns del "$a" 2>/dev/null || true
+    ip netns del "$b" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+ip netns add "$a"; ip netns add "$b"
+ip link add tst0 netns "$a" type veth peer name tst0 netns "$b"
+ip -n "$a" addr add 198.19.0.1/24 dev tst0; ip -n "$b" addr add 198.19.0.2/24 dev tst0
+for n in "$a" "$b"; do ip -n "$n" link set lo up; ip -n "$n" link set tst0 up; done
+ip netns exec "$a" sysctl -qw net.ipv4.ip_local_port_range="10000 65535" net.ipv4.tcp_tw_reuse=1
+ip netns exec "$b" "$work/churn" server 198.19.0.2 5001 2 > "$work/srv" & srv=$!
+sleep 0.3
+
+metric() { curl -s "127.0.0.1:$port/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+churn() { ip netns exec "$a" "$work/churn" client 198.19.0.2 5001 "$secs" 1000000000 2 | sed 's/.*rate=//'; }
+
+base=() mon=()
+for ((i = 1; i <= rounds; i++)); do
+    base+=("$(churn)")
+    sleep 1
+    .venv/bin/tcpstate --log-level warning run --listen-address "127.0.0.1:$port" --include-cidr 198.19.0.0/24 &
+    daemon=$!
+    until curl -sf "127.0.0.1:$port/-/ready" >/dev/null; do sleep 0.2; done
+    before=$(metric 'tcpstate_connections_opened_total{direction="active"}')
+    out=$(ip netns exec "$a" "$work/churn" client 198.19.0.2 5001 "$secs" 1000000000 2)
+    sleep 2
+    after=$(metric 'tcpstate_connections_opened_total{direction="active"}')
+    lost=$(metric tcpstate_events_lost_total)
+    kill "$daemon"; wait "$daemon" || true; daemon=
+    made=${out#made=}; made=${made%% *}
+    mon+=("${out##*rate=}")
+    printf 'round %d: no monitor %s/s, tcpstate %s/s; made %s, counted active opens %.0f, events lost %s\n' \
+        "$i" "${base[-1]}" "${mon[-1]}" "$made" "$(awk -v a="$after" -v b="$before" 'BEGIN {print a - b}')" "$lost"
+    sleep 1
+done
+python3 - "${base[*]}" "${mon[*]}" <<'PY'
+import statistics, sys
+base = [float(x) for x in sys.argv[1].split()]
+mon = [float(x) for x in sys.argv[2].split()]
+b, m = statistics.median(base), statistics.median(mon)
+print(f"median: no monitor {b:.0f}/s, tcpstate {m:.0f}/s, ratio {m / b:.3f}")
+PY
