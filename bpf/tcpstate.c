@@ -37,16 +37,13 @@ BPF_PERCPU_ARRAY(stats, __u64, TCPSTATE_NSTATS);
 BPF_TABLE("lru_hash", __u64, struct tcpstate_sock, socks, TCPSTATE_MAX_SOCKS);
 
 /* A failed connect (SYN_SENT->CLOSE) waits here until we know why. The kernel reports the
- * socket error (a tracepoint without skaddr) right *after* the transition, in the same call
- * chain on the same CPU; a connect the application abandoned has no error and is destroyed
- * right away instead. Whichever comes first counts the failure, once, never decrementing. */
+ * socket error right *after* the transition, through a tracepoint that has no skaddr and may
+ * show dport 0 (tcp_disconnect clears it first), so the key is the local port. The error
+ * report classifies it; the socket's destruction without a report makes it "other". */
 struct pending_fail {
 	__u64 skaddr;
-	__u16 sport;
-	__u16 dport;
-	__u32 valid;
 };
-BPF_PERCPU_ARRAY(pending_fail, struct pending_fail, 1);
+BPF_TABLE("lru_hash", __u16, struct pending_fail, pending_fails, 4096);
 
 #ifdef TCPSTATE_FILTER_INCLUDE_CIDR
 BPF_LPM_TRIE(include_v4, struct tcpstate_lpm_v4, __u8, 1024);
@@ -88,23 +85,17 @@ static __always_inline void observe(int hist, __u64 delta_ns)
 		*sum += delta_ns;
 }
 
-static __always_inline void fail_pending(__u64 skaddr, __u16 sport, __u16 dport)
+static __always_inline void fail_pending(__u64 skaddr, __u16 sport)
 {
-	__u32 zero = 0;
-	struct pending_fail *pf = pending_fail.lookup(&zero);
-	if (!pf)
-		return;
-	if (pf->valid)  /* nothing explained the previous one: no error was reported */
-		inc_connect_fails(TCPSTATE_FAIL_OTHER);
-	pf->valid = 0;
 #if defined(TCPSTATE_HAVE_INET_SK_ERROR_REPORT) && defined(TCPSTATE_HAVE_TCP_DESTROY_SOCK)
-	/* sport 0: connect() failed before a local port was bound (e.g. EADDRNOTAVAIL), no report follows. */
+	/* sport 0: connect() failed before a local port was bound (e.g. EADDRNOTAVAIL). */
 	if (sport != 0) {
-		pf->skaddr = skaddr;
-		pf->sport = sport;
-		pf->dport = dport;
-		pf->valid = 1;
-		return;
+		struct pending_fail *old = pending_fails.lookup(&sport);
+		if (old && old->skaddr != skaddr)  /* another socket of that port never got a report */
+			inc_connect_fails(TCPSTATE_FAIL_OTHER);
+		struct pending_fail pf = {.skaddr = skaddr};
+		if (pending_fails.update(&sport, &pf) == 0)
+			return;
 	}
 #endif
 	inc_connect_fails(TCPSTATE_FAIL_OTHER);
@@ -196,14 +187,10 @@ static __always_inline int flow_wanted(struct flow *f)
 	} while (0)
 
 #ifdef TCPSTATE_EMIT_EVENTS
-static __always_inline void emit(void *ctx, struct flow *f, __u64 skaddr, __u8 kind, __u8 oldstate,
-				 __u8 newstate, __u8 reason, __u64 delta_us, struct tcpstate_sock *s)
+static __always_inline void fill_event(struct tcpstate_event *e, struct flow *f, __u64 skaddr, __u8 kind,
+				       __u8 oldstate, __u8 newstate, __u8 reason, __u64 delta_us,
+				       struct tcpstate_sock *s)
 {
-	struct tcpstate_event *e = events.ringbuf_reserve(sizeof(struct tcpstate_event));
-	if (!e) {
-		inc_stats(TCPSTATE_STAT_EVENTS_LOST);
-		return;
-	}
 	e->ts_ns = bpf_ktime_get_ns();
 	e->skaddr = skaddr;
 	e->delta_us = delta_us;
@@ -225,9 +212,30 @@ static __always_inline void emit(void *ctx, struct flow *f, __u64 skaddr, __u8 k
 		e->pid = 0;
 		__builtin_memset(e->comm, 0, TCPSTATE_COMM_LEN);
 	}
+}
+
+static __always_inline void emit(void *ctx, struct flow *f, __u64 skaddr, __u8 kind, __u8 oldstate,
+				 __u8 newstate, __u8 reason, __u64 delta_us, struct tcpstate_sock *s)
+{
+	struct tcpstate_event *e = events.ringbuf_reserve(sizeof(struct tcpstate_event));
+	if (!e) {
+		inc_stats(TCPSTATE_STAT_EVENTS_LOST);
+		return;
+	}
+	fill_event(e, f, skaddr, kind, oldstate, newstate, reason, delta_us, s);
 	events.ringbuf_submit(e, 0);
 }
 #endif
+
+/* Count the FIN_WAIT2/CLOSING->CLOSE that waited for this socket's reset or destruction. */
+static __always_inline void close_resolve(void *ctx, struct flow *f, __u64 skaddr, struct tcpstate_sock *s, __u8 to)
+{
+	s->flags &= ~TCPSTATE_SOCK_CLOSE_PENDING;
+	inc_transitions(s->prev_state * TCPSTATE_NSTATES + to);
+#ifdef TCPSTATE_EMIT_EVENTS
+	emit(ctx, f, skaddr, TCPSTATE_EV_TRANSITION, s->prev_state, to, 0, s->close_delta_us, s);
+#endif
+}
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
@@ -258,14 +266,27 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	}
 
 	__u8 counted = tcpstate_counted_newstate(oldstate, newstate, s ? s->flags : 0);
-	inc_transitions(oldstate * TCPSTATE_NSTATES + counted);
+	/* An abort sets CLOSE before the reset goes out, and the reset's tracepoint fires only
+	 * after the packet was sent (on loopback, after the peer processed it): TIME_WAIT or
+	 * CLOSE is decided when this socket's reset or destruction shows up. Untracked
+	 * sockets cannot wait and count as TIME_WAIT now. */
+	int pending = s && counted == TCPSTATE_TCP_TIME_WAIT && newstate == TCPSTATE_TCP_CLOSE;
+	if (!pending)
+		inc_transitions(oldstate * TCPSTATE_NSTATES + counted);
 
 	if (oldstate == TCPSTATE_TCP_SYN_SENT && newstate == TCPSTATE_TCP_CLOSE)
-		fail_pending(skaddr, args->sport, args->dport);
+		fail_pending(skaddr, args->sport);
 
 	__u64 delta_us = 0;
 	if (s) {
 		if (newstate == TCPSTATE_TCP_SYN_SENT || newstate == TCPSTATE_TCP_LISTEN) {
+			/* A new life for the socket (it can connect again after a failure). A close
+			 * still pending had no reset, so it was TIME_WAIT. */
+			if (s->flags & TCPSTATE_SOCK_CLOSE_PENDING)
+				inc_transitions(s->prev_state * TCPSTATE_NSTATES + TCPSTATE_TCP_TIME_WAIT);
+			s->flags = 0;
+			s->prev_state = 0;
+			s->est_ts_ns = 0;
 			/* connect() and listen() run in the owning process's context. */
 			s->pid = bpf_get_current_pid_tgid() >> 32;
 			bpf_get_current_comm(&s->comm, sizeof(s->comm));
@@ -287,6 +308,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 			delta_us = (now - s->state_ts_ns) / 1000;
 		s->state_ts_ns = now;
 		s->state = newstate;
+	}
+	if (pending) {
+		s->flags |= TCPSTATE_SOCK_CLOSE_PENDING;
+		s->close_delta_us = delta_us;
+		return 0;
 	}
 #ifdef TCPSTATE_EMIT_EVENTS
 	emit(args, &f, skaddr, TCPSTATE_EV_TRANSITION, oldstate, counted, 0, delta_us, s);
@@ -342,9 +368,11 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 	__u8 state = tcpstate_reset_state(skaddr != 0, tp_state, s != NULL, s ? s->state : 0,
 					  s ? s->prev_state : 0);
 	/* A socket that sends a reset before it closes (keepalive or FIN_WAIT2 timeout)
-	 * is not entering TIME_WAIT. */
+	 * is not entering TIME_WAIT; one that closed just before its reset was aborted. */
 	if (s && s->state != TCPSTATE_TCP_CLOSE)
 		s->flags |= TCPSTATE_SOCK_RESET_SEEN;
+	if (s && (s->flags & TCPSTATE_SOCK_CLOSE_PENDING))
+		close_resolve(args, &f, skaddr, s, TCPSTATE_TCP_CLOSE);
 	inc_resets((TCPSTATE_DIR_SENT * TCPSTATE_NSTATES + state) * TCPSTATE_NREASONS + reason);
 #ifdef TCPSTATE_EMIT_EVENTS
 	emit(args, &f, skaddr, TCPSTATE_EV_RESET_SENT, state, state, reason, 0, s);
@@ -381,13 +409,12 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 #ifdef TCPSTATE_HAVE_INET_SK_ERROR_REPORT
 TRACEPOINT_PROBE(sock, inet_sk_error_report)
 {
-	/* The kernel reports 0 as well, once the error is consumed; only real errors classify. */
+	/* The kernel also reports 0 once the error is consumed. */
 	if (args->protocol != TCPSTATE_IPPROTO_TCP || args->error == 0)
 		return 0;
-	__u32 zero = 0;
-	struct pending_fail *pf = pending_fail.lookup(&zero);
-	if (pf && pf->valid && pf->sport == args->sport && pf->dport == args->dport) {
-		pf->valid = 0;
+	__u16 sport = args->sport;
+	if (pending_fails.lookup(&sport)) {
+		pending_fails.delete(&sport);
 		inc_connect_fails(tcpstate_failure_class(args->error));
 	}
 	return 0;
@@ -398,11 +425,21 @@ TRACEPOINT_PROBE(sock, inet_sk_error_report)
 TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 {
 	__u64 skaddr = (__u64)args->skaddr;
-	__u32 zero = 0;
-	struct pending_fail *pf = pending_fail.lookup(&zero);
-	if (pf && pf->valid && pf->skaddr == skaddr) {
-		pf->valid = 0;
+	__u16 sport = args->sport;
+	struct pending_fail *pf = pending_fails.lookup(&sport);
+	if (pf && pf->skaddr == skaddr) {  /* destroyed without an error report: abandoned */
+		pending_fails.delete(&sport);
 		inc_connect_fails(TCPSTATE_FAIL_OTHER);
+	}
+	struct tcpstate_sock *s = socks.lookup(&skaddr);
+	if (s && (s->flags & TCPSTATE_SOCK_CLOSE_PENDING)) {
+#ifdef TCPSTATE_NEED_FLOW
+		struct flow f = {};
+		TCPSTATE_FLOW_FROM_FIELDS(&f, args);
+#else
+		struct flow f;
+#endif
+		close_resolve(args, &f, skaddr, s, TCPSTATE_TCP_TIME_WAIT);
 	}
 	/* Frees the slot at once instead of waiting for LRU eviction. */
 	socks.delete(&skaddr);

@@ -64,13 +64,15 @@
 
 #define TCPSTATE_COMM_LEN 16
 
-#define TCPSTATE_SOCK_RESET_SEEN 1
+#define TCPSTATE_SOCK_RESET_SEEN 1     /* a reset hit the socket: its close is no TIME_WAIT */
+#define TCPSTATE_SOCK_CLOSE_PENDING 2  /* FIN_WAIT2/CLOSING->CLOSE waits for its reset or destruction */
 
 /* Per-socket memory (value of the socks LRU table, keyed by socket address). */
 struct tcpstate_sock {
 	__u64 state_ts_ns; /* when the current state was entered */
 	__u64 syn_ts_ns;   /* when SYN_SENT was entered; 0 if never */
 	__u64 est_ts_ns;   /* when ESTABLISHED was entered; 0 once the lifetime is observed */
+	__u64 close_delta_us; /* time in the state left by a pending close */
 	__u32 pid;         /* tgid of the process that called connect()/listen(); 0 if unknown */
 	__u8 state;        /* current state */
 	__u8 prev_state;   /* the state left when the socket moved to CLOSE */

@@ -86,6 +86,7 @@ class SockInfo(ctypes.Structure):
         ("state_ts_ns", ctypes.c_uint64),
         ("syn_ts_ns", ctypes.c_uint64),
         ("est_ts_ns", ctypes.c_uint64),
+        ("close_delta_us", ctypes.c_uint64),
         ("pid", ctypes.c_uint32),
         ("state", ctypes.c_uint8),
         ("prev_state", ctypes.c_uint8),

@@ -40,6 +40,7 @@ class NetnsPair:
     CLIENT_ADDR = "198.18.0.1"
     SERVER_ADDR = "198.18.0.2"
     SERVER_ADDR2 = "198.18.0.3"
+    SILENT_ADDR = "198.18.0.9"  # resolves to a MAC no one has: SYNs vanish without an answer
 
     def __init__(self):
         tag = os.getpid()
@@ -56,6 +57,8 @@ class NetnsPair:
         for ns in (self.client, self.server):
             ip("-n", ns, "link", "set", "lo", "up")
             ip("-n", ns, "link", "set", "tst0", "up")
+        ip("-n", self.client, "neigh", "add", self.SILENT_ADDR, "lladdr", "02:00:00:00:00:09", "dev", "tst0",
+           "nud", "permanent")
         return self
 
     def down(self) -> None:

@@ -2,6 +2,7 @@
 
 import ipaddress
 import socket
+import struct
 
 from . import traffic
 from .conftest import TEST_NET, Meter, attach
@@ -138,3 +139,49 @@ def test_include_port(netns, layout):
             assert d.handshakes == 2
         finally:
             p.close()
+
+
+def test_abort_in_fin_wait2_is_not_time_wait(netns, meter, layout):
+    n = 10
+    with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:
+        traffic.fin_wait2_aborts(netns.client, lst, n)
+    expected = {**LISTENER, **handshake_transitions(n), ("ESTABLISHED", "FIN_WAIT1"): n,
+                ("FIN_WAIT1", "FIN_WAIT2"): n, ("FIN_WAIT2", "CLOSE"): n,
+                ("ESTABLISHED", "CLOSE_WAIT"): n, ("CLOSE_WAIT", "CLOSE"): n}
+    d = meter.settle(expected)
+    assert d.transitions == expected  # no FIN_WAIT2->TIME_WAIT
+    reason = "TCP_STATE" if layout.send_reset_has_reason else "UNKNOWN"
+    assert d.resets == {("sent", "FIN_WAIT2", reason): n, ("received", "CLOSE_WAIT", "UNKNOWN"): n}
+    assert d.lifetimes == 2 * n
+
+
+def test_connect_timeouts(netns, meter):
+    n = 5
+    socks = traffic.pending_connects(netns.client, netns.SILENT_ADDR, 80, n, syncnt=1)
+    try:
+        expected = {("CLOSE", "SYN_SENT"): n, ("SYN_SENT", "CLOSE"): n}
+        d = meter.settle(expected, timeout=15)  # one SYN retransmission: gives up after about 3 s
+    finally:
+        for c in socks:
+            c.close()
+    assert d.transitions == expected
+    assert d.failures == {"timeout": n}
+    assert d.resets == {}
+
+
+def test_abandoned_connects(netns, meter):
+    """Closing a connecting socket: with SO_LINGER {1, 0} the kernel reports ECONNRESET
+    (tcp_disconnect), a plain close reports no error."""
+    n = 5
+    lingering = traffic.pending_connects(netns.client, netns.SILENT_ADDR, 80, n)
+    plain = traffic.pending_connects(netns.client, netns.SILENT_ADDR, 80, n)
+    for c in lingering:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+    for c in plain:
+        c.close()
+    expected = {("CLOSE", "SYN_SENT"): 2 * n, ("SYN_SENT", "CLOSE"): 2 * n}
+    d = meter.settle(expected)
+    assert d.transitions == expected
+    assert d.failures == {"reset": n, "other": n}
+    assert d.resets == {}  # nothing reached a peer

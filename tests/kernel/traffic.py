@@ -107,3 +107,45 @@ def _readable_bytes(s: socket.socket) -> bool:
         return bool(s.recv(1, socket.MSG_PEEK))
     except BlockingIOError:
         return False
+
+
+TCP_INFO_STATE_FIN_WAIT2 = 5
+
+
+def tcp_state(s: socket.socket) -> int:
+    return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def fin_wait2_aborts(client_ns: str, listener: Listener, n: int) -> None:
+    """The client half-closes (FIN_WAIT2 while the server keeps its end open), then aborts with
+    SO_LINGER {1, 0}: the kernel sets CLOSE first, then sends the reset."""
+    import time
+
+    for _ in range(n):
+        c, s = _connect(client_ns, listener)
+        c.shutdown(socket.SHUT_WR)
+        assert s.recv(1) == b""
+        deadline = time.monotonic() + 5
+        while tcp_state(c) != TCP_INFO_STATE_FIN_WAIT2:
+            assert time.monotonic() < deadline, "client never reached FIN_WAIT2"
+            time.sleep(0.001)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        try:
+            s.recv(1)
+        except ConnectionResetError:
+            pass
+        s.close()
+
+
+def pending_connects(client_ns: str, addr: str, port: int, n: int, syncnt: int | None = None) -> list:
+    """n non-blocking connects left in SYN_SENT (the peer never answers)."""
+    socks = []
+    for _ in range(n):
+        c = socket_in(client_ns)
+        if syncnt is not None:
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, syncnt)
+        c.setblocking(False)
+        assert c.connect_ex((addr, port)) == 115  # EINPROGRESS
+        socks.append(c)
+    return socks

@@ -32,6 +32,7 @@ HARNESS = textwrap.dedent("""
         O(tcpstate_event, newstate); O(tcpstate_event, reason); O(tcpstate_event, saddr);
         O(tcpstate_event, daddr); O(tcpstate_event, comm);
         O(tcpstate_sock, state_ts_ns); O(tcpstate_sock, syn_ts_ns); O(tcpstate_sock, est_ts_ns);
+        O(tcpstate_sock, close_delta_us);
         O(tcpstate_sock, pid); O(tcpstate_sock, state); O(tcpstate_sock, prev_state);
         O(tcpstate_sock, flags); O(tcpstate_sock, comm);
         printf("const.TCPSTATE_NRESETS %d\\n", TCPSTATE_NRESETS);
