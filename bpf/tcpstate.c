@@ -258,8 +258,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		struct tcpstate_sock fresh = {};
 		fresh.state_ts_ns = now;
 		fresh.state = oldstate;
-		if (socks.update(&skaddr, &fresh) != 0)
-			inc_stats(TCPSTATE_STAT_SOCK_TABLE_FULL);
+		socks.update(&skaddr, &fresh);  /* an LRU map makes room by evicting */
 		s = socks.lookup(&skaddr);
 	} else if (!s) {
 		inc_stats(TCPSTATE_STAT_SOCK_UNTRACKED);
@@ -270,7 +269,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	 * after the packet was sent (on loopback, after the peer processed it): TIME_WAIT or
 	 * CLOSE is decided when this socket's reset or destruction shows up. Untracked
 	 * sockets cannot wait and count as TIME_WAIT now. */
+#ifdef TCPSTATE_HAVE_TCP_DESTROY_SOCK
 	int pending = s && counted == TCPSTATE_TCP_TIME_WAIT && newstate == TCPSTATE_TCP_CLOSE;
+#else
+	int pending = 0;  /* nothing would end the wait */
+#endif
 	if (!pending)
 		inc_transitions(oldstate * TCPSTATE_NSTATES + counted);
 

@@ -53,8 +53,7 @@
 
 /* stats index */
 #define TCPSTATE_STAT_EVENTS_LOST 0    /* ring buffer full (watch only) */
-#define TCPSTATE_STAT_SOCK_TABLE_FULL 1 /* a socket could not be inserted into socks */
-#define TCPSTATE_STAT_SOCK_UNTRACKED 2 /* a transition of a socket not in socks */
+#define TCPSTATE_STAT_SOCK_UNTRACKED 1 /* a transition of a socket not in socks */
 #define TCPSTATE_NSTATS 4
 
 /* Event kinds for the watch stream */

@@ -10,7 +10,8 @@ set -euo pipefail
 
 kver=$(uname -r)
 arch=$(dpkg --print-architecture)
-packages=(python3-bpfcc python3-venv python3-pip iproute2 prometheus bpftool curl)
+# gcc: the unit tests compile bpf/tcpstate_logic.h, the load tests tests/load/churn.c
+packages=(python3-bpfcc python3-venv python3-pip iproute2 prometheus curl gcc)
 [[ ${TCPSTATE_SETUP_MINIMAL:-} == 1 ]] && packages=(python3-bpfcc python3-venv)
 
 say() { echo "setup-host: $*" >&2; }
@@ -56,13 +57,23 @@ if [[ ! -d $build/include ]]; then
     fi
     say "using the generic $generic for kernel $kver"
     apt_install "$generic"
-    hdr=$(ls -d /usr/src/linux-headers-*-"$arch" /usr/src/linux-headers-*-generic 2>/dev/null | sort -V | tail -n 1)
+    shopt -s nullglob
+    candidates=(/usr/src/linux-headers-*-"$arch" /usr/src/linux-headers-*-generic)
+    shopt -u nullglob
+    hdr=
+    ((${#candidates[@]})) && hdr=$(printf '%s\n' "${candidates[@]}" | sort -V | tail -n 1)
     if [[ -z $hdr ]]; then
         say "$generic installed but no /usr/src/linux-headers-* directory found"
         exit 1
     fi
-    common=${hdr%-"$arch"}-common  # Debian splits arch-specific and common headers
-    [[ -d $common ]] || common=$hdr
+    # Debian splits linux-headers-X-$arch from linux-headers-X-common; Ubuntu has X-generic and X.
+    common=$hdr
+    for c in "${hdr%-"$arch"}-common" "${hdr%-generic}"; do
+        if [[ $c != "$hdr" && -d $c ]]; then
+            common=$c
+            break
+        fi
+    done
     mkdir -p "/lib/modules/$kver"
     ln -sfn "$hdr" "$build"
     ln -sfn "$common" "/lib/modules/$kver/source"

@@ -42,7 +42,6 @@ class Counts:
     events_lost: int = 0  # kernel-skipped runs plus ring-buffer drops
     ring_buffer_lost: int = 0
     programs: dict = field(default_factory=dict)  # tracepoint -> ProgramStats-like (run_time_ns, run_cnt, recursion_misses)
-    socket_table_full: int = 0
     untracked_transitions: int = 0
 
 
@@ -80,7 +79,6 @@ def aggregate(raw: RawCounters, reasons: dict[int, str], programs: dict | None =
     counts.lifetime = _histogram(raw.durations, C["TCPSTATE_HIST_LIFETIME"])
     counts.ring_buffer_lost = raw.stats[C["TCPSTATE_STAT_EVENTS_LOST"]]
     counts.events_lost = counts.ring_buffer_lost + sum(p[2] for p in counts.programs.values())
-    counts.socket_table_full = raw.stats[C["TCPSTATE_STAT_SOCK_TABLE_FULL"]]
     counts.untracked_transitions = raw.stats[C["TCPSTATE_STAT_SOCK_UNTRACKED"]]
     return counts
 

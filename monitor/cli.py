@@ -31,6 +31,9 @@ class OneLineErrors(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
             rv = super().main(args, prog_name or "tcpstate", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `tcpstate`: help, not an error
+            click.echo(exc.format_message())
+            sys.exit(0)
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx else "tcpstate"
             click.echo(f"{where}: error: {exc.format_message()} (see '{where} --help')", err=True)
@@ -151,6 +154,7 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets):
     from .probes import bcc_version
     from .server import Exporter, ServerError
 
+    stop = _stop_event()
     filters = make_filters(include_cidr, exclude_cidr, include_port)
     _require_privileges()
     registry = CollectorRegistry(auto_describe=False)
@@ -159,12 +163,13 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets):
         exporter.start()
     except ServerError as exc:
         raise Fatal(str(exc)) from None
-    stop = _stop_event()
     probes = None
     try:
         layout = _layout()
         log.info("filters: %s", filters.describe())
         probes = _attach(layout, filters, max_sockets=max_sockets)
+        if stop.is_set():  # a signal came while the program compiled
+            return 0
         build = {"version": __version__, "kernel": platform.release(), "bcc_version": bcc_version(),
                  "send_reset_layout": layout.send_reset_variant or "none"}
         registry.register(TcpstateCollector(lambda: aggregate(probes.read(), layout.reason_names, probes.program_stats()),

@@ -88,8 +88,8 @@ class TcpstateCollector(Collector):
                            counts.lifetime)
 
         yield CounterMetricFamily("tcpstate_events_lost",
-                                  "Tracepoint hits that were not counted: runs the kernel skipped (see "
-                                  "tcpstate_probe_misses_total) plus watch records dropped by a full ring buffer.",
+                                  "Tracepoint hits known not to be counted: runs the kernel skipped and reported "
+                                  "(tcpstate_probe_misses_total) plus watch records dropped by a full ring buffer.",
                                   value=counts.events_lost)
         misses = CounterMetricFamily("tcpstate_probe_misses",
                                      "Program runs the kernel skipped because another BPF program was running on "
@@ -108,9 +108,6 @@ class TcpstateCollector(Collector):
         yield misses
         yield run_seconds
         yield runs
-        yield CounterMetricFamily("tcpstate_socket_table_full",
-                                  "Sockets that could not be added to the in-kernel socket table.",
-                                  value=counts.socket_table_full)
         yield CounterMetricFamily("tcpstate_untracked_transitions",
                                   "Transitions of sockets not in the socket table (opened before tcpstate "
                                   "started, or evicted); their durations are not observed.",

@@ -38,7 +38,7 @@ class ListenAddress:
     host: str
     port: int
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # host "" means every address
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
@@ -49,9 +49,20 @@ class CidrType(click.ParamType):
         if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
             return value
         try:
-            return ipaddress.ip_network(str(value).strip(), strict=False)
+            return normalize_cidr(ipaddress.ip_network(str(value).strip(), strict=False))
         except ValueError:
             self.fail(f"{value!r} is not an IPv4 or IPv6 CIDR (e.g. 10.0.0.0/8, 2001:db8::/32)", param, ctx)
+
+
+_V4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def normalize_cidr(net):
+    """A v4-mapped IPv6 CIDR (::ffff:a.b.c.d/N, N >= 96) becomes the IPv4 CIDR it denotes:
+    the kernel side matches v4-mapped addresses against the IPv4 tables."""
+    if net.version == 6 and net.prefixlen >= 96 and net.subnet_of(_V4_MAPPED):
+        return ipaddress.ip_network((net.network_address.ipv4_mapped, net.prefixlen - 96))
+    return net
 
 
 class PortType(click.ParamType):
@@ -67,7 +78,7 @@ class PortType(click.ParamType):
 
 
 def parse_listen_address(text: str) -> ListenAddress:
-    """HOST:PORT, [V6]:PORT or :PORT (all addresses). Raises ValueError with the reason."""
+    """HOST:PORT, [V6]:PORT or :PORT (every address, IPv4 and IPv6). Raises ValueError with the reason."""
     text = text.strip()
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
@@ -87,7 +98,7 @@ def parse_listen_address(text: str) -> ListenAddress:
         except ValueError:
             if not all(part.isalnum() or part == "-" for part in host.replace(".", " ").split()) or " " in host:
                 raise ValueError(f"{host!r} is not an IP address or host name") from None
-    return ListenAddress(host=host or "0.0.0.0", port=int(port))
+    return ListenAddress(host=host, port=int(port))
 
 
 class ListenAddressType(click.ParamType):

@@ -40,8 +40,10 @@ def header_constants(path: str | None = None) -> dict:
             consts[name] = tuple(int(v) for v in value.strip("{} ").split(","))
             continue
         expr = re.sub(r"TCPSTATE_\w+", lambda n: str(consts.get(n.group(0), "x")), value)
-        if _EXPR.match(expr):
-            consts[name] = int(eval(expr, {"__builtins__": {}}))  # digits and operators only
+        if not _EXPR.match(expr):
+            raise ValueError(f"tcpstate.h: cannot evaluate #define {name} {value} (decimal integers, + - * / "
+                             "and earlier TCPSTATE_ names only)")
+        consts[name] = int(eval(expr, {"__builtins__": {}}))  # digits and operators only
     return consts
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import platform
@@ -159,8 +160,14 @@ class Probes:
         count = ctypes.c_uint32(n)
         out_batch = ctypes.c_uint32(0)
         res = lib.bpf_lookup_batch(table.map_fd, None, ctypes.byref(out_batch), keys, values, ctypes.byref(count))
-        if res != 0 and count.value != n:
-            return self._read_percpu_slow(table, n)
+        if res != 0:
+            err = ctypes.get_errno()
+            if err in (errno.EINVAL, errno.EOPNOTSUPP, 524):  # 524: ENOTSUPP, no batch ops before 5.6
+                return self._read_percpu_slow(table, n)
+            if err != errno.ENOENT:  # ENOENT: the whole array came in this call
+                raise OSError(err, f"reading map {name}: {os.strerror(err)}")
+        if count.value != n:
+            raise OSError(errno.EIO, f"reading map {name}: got {count.value} of {n} entries")
         ncpus = self._ncpus
         flat = values[:]
         sums = [0] * n
@@ -174,16 +181,15 @@ class Probes:
         return tuple(sum(table.getvalue(table.Key(i))) & 0xFFFFFFFFFFFFFFFF for i in range(n))
 
     def read(self) -> RawCounters:
-        if self.bpf is None:
-            raise ProbeError("probes are not attached")
-        with self._lock:  # concurrent scrapes share the read buffers
+        with self._lock:  # concurrent scrapes share the read buffers; close() waits for them
+            if self.bpf is None:
+                raise ProbeError("probes are not attached")
             return RawCounters(*(self._read_percpu(name) for name in self.COUNTER_MAPS))
 
     def read_stats(self) -> dict[str, int]:
         with self._lock:
             raw = self._read_percpu("stats")
         return {"events_lost": raw[C["TCPSTATE_STAT_EVENTS_LOST"]],
-                "socket_table_full": raw[C["TCPSTATE_STAT_SOCK_TABLE_FULL"]],
                 "untracked_transitions": raw[C["TCPSTATE_STAT_SOCK_UNTRACKED"]]}
 
     # Offsets in struct bpf_prog_info (uapi, append-only ABI; recursion_misses since 5.12).
@@ -195,10 +201,12 @@ class Probes:
         from bcc.libbcc import lib
 
         out = {}
-        if self.bpf is None:
-            return out
+        with self._lock:
+            if self.bpf is None:
+                return out
+            funcs = dict(self.bpf.funcs)
         for group, name, _ in TRACEPOINTS:
-            fn = self.bpf.funcs.get(f"tracepoint__{group}__{name}".encode())
+            fn = funcs.get(f"tracepoint__{group}__{name}".encode())
             if fn is None:
                 continue
             buf = ctypes.create_string_buffer(self._INFO_SIZE)
@@ -222,9 +230,10 @@ class Probes:
         self.bpf.ring_buffer_poll(timeout_ms)
 
     def close(self) -> None:
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
+        with self._lock:
+            if self.bpf is not None:
+                self.bpf.cleanup()
+                self.bpf = None
 
 
 def running_as_privileged() -> tuple[bool, str]:

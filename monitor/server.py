@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import logging
+import os
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -78,6 +79,12 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    dual_stack = False
+
+    def server_bind(self):
+        if self.dual_stack:  # ":PORT" serves IPv4 and IPv6, like node_exporter
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
 
 class Exporter:
@@ -92,10 +99,14 @@ class Exporter:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        family = socket.AF_INET6 if ":" in self.listen.host else socket.AF_INET
-        _Server.address_family = family
+        host = self.listen.host
+        dual = host == "" and socket.has_ipv6 and os.path.exists("/proc/net/if_inet6")
+        if host == "":
+            host = "::" if dual else "0.0.0.0"
+        server_cls = type("Server", (_Server,), {
+            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "dual_stack": dual})
         try:
-            self._server = _Server((self.listen.host, self.listen.port), _Handler)
+            self._server = server_cls((host, self.listen.port), _Handler)
         except OSError as exc:
             raise ServerError(f"cannot listen on {self.listen}: {exc.strerror or exc}"
                               + (" (another process holds the port; pick one with --listen-address)"

@@ -44,7 +44,7 @@ def recorded():
     durations[lifetime + 1] = 2  # <= 100us
     durations[lifetime + 13] = 1  # <= 1s
     durations[lifetime + NB + 1] = 1_000_150_000
-    stats = [0, 0, 5, 0]
+    stats = [0, 5, 0, 0]
     return RawCounters(tuple(tr), tuple(rs), tuple(fails), tuple(durations), tuple(stats))
 
 
@@ -147,7 +147,7 @@ EXPECTED_TAIL = """\
 tcpstate_connection_duration_seconds_bucket{le="+Inf"} 3.0
 tcpstate_connection_duration_seconds_count 3.0
 tcpstate_connection_duration_seconds_sum 1.00015
-# HELP tcpstate_events_lost_total Tracepoint hits that were not counted: runs the kernel skipped (see tcpstate_probe_misses_total) plus watch records dropped by a full ring buffer.
+# HELP tcpstate_events_lost_total Tracepoint hits known not to be counted: runs the kernel skipped and reported (tcpstate_probe_misses_total) plus watch records dropped by a full ring buffer.
 # TYPE tcpstate_events_lost_total counter
 tcpstate_events_lost_total 3.0
 # HELP tcpstate_probe_misses_total Program runs the kernel skipped because another BPF program was running on the same CPU (a softirq interrupting it); their events are not counted.
@@ -162,9 +162,6 @@ tcpstate_probe_run_seconds_total{tracepoint="tcp:tcp_send_reset"} 0.0
 # TYPE tcpstate_probe_runs_total counter
 tcpstate_probe_runs_total{tracepoint="sock:inet_sock_set_state"} 100.0
 tcpstate_probe_runs_total{tracepoint="tcp:tcp_send_reset"} 0.0
-# HELP tcpstate_socket_table_full_total Sockets that could not be added to the in-kernel socket table.
-# TYPE tcpstate_socket_table_full_total counter
-tcpstate_socket_table_full_total 0.0
 # HELP tcpstate_untracked_transitions_total Transitions of sockets not in the socket table (opened before tcpstate started, or evicted); their durations are not observed.
 # TYPE tcpstate_untracked_transitions_total counter
 tcpstate_untracked_transitions_total 5.0
