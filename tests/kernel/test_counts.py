@@ -19,12 +19,18 @@ def handshake_transitions(n):
 LISTENER = {("CLOSE", "LISTEN"): 1, ("LISTEN", "CLOSE"): 1}
 
 
+def orderly(n):
+    """n connections that open and close with FINs; whichever end closes first, one end goes
+    FIN_WAIT1 -> FIN_WAIT2 -> TIME_WAIT and the other CLOSE_WAIT -> LAST_ACK -> CLOSE."""
+    return {**handshake_transitions(n),
+            ("ESTABLISHED", "FIN_WAIT1"): n, ("FIN_WAIT1", "FIN_WAIT2"): n, ("FIN_WAIT2", "TIME_WAIT"): n,
+            ("ESTABLISHED", "CLOSE_WAIT"): n, ("CLOSE_WAIT", "LAST_ACK"): n, ("LAST_ACK", "CLOSE"): n}
+
+
 def test_client_closes_first(netns, meter):
     with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:
         traffic.client_closes_first(netns.client, lst, N)
-    expected = {**LISTENER, **handshake_transitions(N),
-                ("ESTABLISHED", "FIN_WAIT1"): N, ("FIN_WAIT1", "FIN_WAIT2"): N, ("FIN_WAIT2", "TIME_WAIT"): N,
-                ("ESTABLISHED", "CLOSE_WAIT"): N, ("CLOSE_WAIT", "LAST_ACK"): N, ("LAST_ACK", "CLOSE"): N}
+    expected = {**LISTENER, **orderly(N)}
     d = meter.settle(expected)
     assert d.transitions == expected
     assert ("FIN_WAIT2", "CLOSE") not in d.transitions
@@ -38,9 +44,7 @@ def test_client_closes_first(netns, meter):
 def test_server_closes_first(netns, meter):
     with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:
         traffic.server_closes_first(netns.client, lst, N)
-    expected = {**LISTENER, **handshake_transitions(N),
-                ("ESTABLISHED", "FIN_WAIT1"): N, ("FIN_WAIT1", "FIN_WAIT2"): N, ("FIN_WAIT2", "TIME_WAIT"): N,
-                ("ESTABLISHED", "CLOSE_WAIT"): N, ("CLOSE_WAIT", "LAST_ACK"): N, ("LAST_ACK", "CLOSE"): N}
+    expected = {**LISTENER, **orderly(N)}
     d = meter.settle(expected)
     assert d.transitions == expected
     assert d.resets == {}
@@ -95,9 +99,7 @@ def test_ipv6(netns, layout):
             traffic.client_closes_first(netns.server, lst, N)
             lst.close()
             traffic.refused(netns.server, "::1", lst.port, 1, family=socket.AF_INET6)
-            expected = {**handshake_transitions(N), ("LISTEN", "CLOSE"): 1,
-                        ("ESTABLISHED", "FIN_WAIT1"): N, ("FIN_WAIT1", "FIN_WAIT2"): N, ("FIN_WAIT2", "TIME_WAIT"): N,
-                        ("ESTABLISHED", "CLOSE_WAIT"): N, ("CLOSE_WAIT", "LAST_ACK"): N, ("LAST_ACK", "CLOSE"): N}
+            expected = {**orderly(N), ("LISTEN", "CLOSE"): 1}
             expected[("CLOSE", "SYN_SENT")] = N + 1
             expected[("SYN_SENT", "CLOSE")] = 1
             d = meter.settle(expected)

@@ -76,12 +76,7 @@ def linger_aborts(client_ns: str, listener: Listener, n: int) -> None:
         c, s = _connect(client_ns, listener)
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()
-        try:
-            s.recv(1)
-        except ConnectionResetError:
-            pass
-        else:
-            raise AssertionError("server saw no reset")
+        expect_reset(s, "server")
         s.close()
 
 
@@ -93,13 +88,16 @@ def unread_data_aborts(client_ns: str, listener: Listener, n: int) -> None:
         while not _readable_bytes(s):
             pass
         s.close()
-        try:
-            c.recv(1)
-        except ConnectionResetError:
-            pass
-        else:
-            raise AssertionError("client saw no reset")
+        expect_reset(c, "client")
         c.close()
+
+
+def expect_reset(s: socket.socket, who: str) -> None:
+    try:
+        s.recv(1)
+    except ConnectionResetError:
+        return
+    raise AssertionError(f"{who} saw no reset")
 
 
 def _readable_bytes(s: socket.socket) -> bool:
@@ -131,10 +129,7 @@ def fin_wait2_aborts(client_ns: str, listener: Listener, n: int) -> None:
             time.sleep(0.001)
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()
-        try:
-            s.recv(1)
-        except ConnectionResetError:
-            pass
+        expect_reset(s, "server")
         s.close()
 
 
