@@ -85,7 +85,8 @@ static __always_inline void observe(int hist, __u64 delta_ns)
 		*sum += delta_ns;
 }
 
-static __always_inline void fail_pending(__u64 skaddr, __u16 sport)
+/* Returns 1 if the failure waits in pending_fails, 0 if it was counted at once. */
+static __always_inline int fail_pending(__u64 skaddr, __u16 sport)
 {
 #if defined(TCPSTATE_HAVE_INET_SK_ERROR_REPORT) && defined(TCPSTATE_HAVE_TCP_DESTROY_SOCK)
 	/* sport 0: connect() failed before a local port was bound (e.g. EADDRNOTAVAIL). */
@@ -95,10 +96,11 @@ static __always_inline void fail_pending(__u64 skaddr, __u16 sport)
 			inc_connect_fails(TCPSTATE_FAIL_OTHER);
 		struct pending_fail pf = {.skaddr = skaddr};
 		if (pending_fails.update(&sport, &pf) == 0)
-			return;
+			return 1;
 	}
 #endif
 	inc_connect_fails(TCPSTATE_FAIL_OTHER);
+	return 0;
 }
 
 static __always_inline int v4_mapped(const __u8 *a)
@@ -119,6 +121,7 @@ static __always_inline int lpm_key_v4(struct tcpstate_lpm_v4 *k, __u16 family, c
 }
 #endif
 
+/* bcc cannot pass a map to a function, hence one lookup helper per pair of tries. */
 #ifdef TCPSTATE_FILTER_INCLUDE_CIDR
 static __always_inline int in_include(__u16 family, const __u8 *a)
 {
@@ -277,8 +280,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	if (!pending)
 		inc_transitions(oldstate * TCPSTATE_NSTATES + counted);
 
-	if (oldstate == TCPSTATE_TCP_SYN_SENT && newstate == TCPSTATE_TCP_CLOSE)
-		fail_pending(skaddr, args->sport);
+	if (oldstate == TCPSTATE_TCP_SYN_SENT && newstate == TCPSTATE_TCP_CLOSE &&
+	    fail_pending(skaddr, args->sport) && s)
+		s->flags |= TCPSTATE_SOCK_FAIL_PENDING;
 
 	__u64 delta_us = 0;
 	if (s) {
@@ -287,7 +291,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 			 * still pending had no reset, so it was TIME_WAIT. */
 			if (s->flags & TCPSTATE_SOCK_CLOSE_PENDING)
 				inc_transitions(s->prev_state * TCPSTATE_NSTATES + TCPSTATE_TCP_TIME_WAIT);
-			s->flags = 0;
+			s->flags &= TCPSTATE_SOCK_FAIL_PENDING;  /* still to be settled at destroy */
 			s->prev_state = 0;
 			s->est_ts_ns = 0;
 			/* connect() and listen() run in the owning process's context. */
@@ -428,13 +432,17 @@ TRACEPOINT_PROBE(sock, inet_sk_error_report)
 TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 {
 	__u64 skaddr = (__u64)args->skaddr;
-	__u16 sport = args->sport;
-	struct pending_fail *pf = pending_fails.lookup(&sport);
-	if (pf && pf->skaddr == skaddr) {  /* destroyed without an error report: abandoned */
-		pending_fails.delete(&sport);
-		inc_connect_fails(TCPSTATE_FAIL_OTHER);
-	}
 	struct tcpstate_sock *s = socks.lookup(&skaddr);
+	/* Only sockets whose connect failed (or that we never tracked) can wait there: this
+	 * keeps a hash lookup off the destruction of every other socket. */
+	if (!s || (s->flags & TCPSTATE_SOCK_FAIL_PENDING)) {
+		__u16 sport = args->sport;
+		struct pending_fail *pf = pending_fails.lookup(&sport);
+		if (pf && pf->skaddr == skaddr) {  /* destroyed without an error report: abandoned */
+			pending_fails.delete(&sport);
+			inc_connect_fails(TCPSTATE_FAIL_OTHER);
+		}
+	}
 	if (s && (s->flags & TCPSTATE_SOCK_CLOSE_PENDING)) {
 #ifdef TCPSTATE_NEED_FLOW
 		struct flow f = {};

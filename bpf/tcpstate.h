@@ -65,6 +65,7 @@
 
 #define TCPSTATE_SOCK_RESET_SEEN 1     /* a reset hit the socket: its close is no TIME_WAIT */
 #define TCPSTATE_SOCK_CLOSE_PENDING 2  /* FIN_WAIT2/CLOSING->CLOSE waits for its reset or destruction */
+#define TCPSTATE_SOCK_FAIL_PENDING 4   /* its failed connect may wait in pending_fails */
 
 /* Per-socket memory (value of the socks LRU table, keyed by socket address). */
 struct tcpstate_sock {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import click
 
@@ -124,10 +124,3 @@ def make_filters(include_cidr=(), exclude_cidr=(), include_port=()) -> Filters:
         exclude_cidrs=tuple(dict.fromkeys(exclude_cidr)),
         include_ports=tuple(sorted(set(include_port))),
     )
-
-
-@dataclass
-class RunSettings:
-    listen: ListenAddress = field(default_factory=lambda: parse_listen_address(DEFAULT_LISTEN_ADDRESS))
-    filters: Filters = field(default_factory=Filters)
-    max_sockets: int = DEFAULT_MAX_SOCKETS

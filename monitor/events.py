@@ -135,9 +135,6 @@ class DecodedEvent:
     comm: str
     skaddr: int
 
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 def decode_event(data: bytes | ctypes.Array, size: int, reasons: dict[int, str]) -> DecodedEvent:
     """Decode one ring-buffer record; the size is checked before the bytes are read."""
