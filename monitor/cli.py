@@ -13,7 +13,8 @@ import click
 from prometheus_client import CollectorRegistry
 
 from . import __version__
-from .config import CIDR, DEFAULT_LISTEN_ADDRESS, DEFAULT_MAX_SOCKETS, LISTEN_ADDRESS, PORT, make_filters
+from .config import (CIDR, DEFAULT_FORECAST_WINDOW, DEFAULT_LISTEN_ADDRESS, DEFAULT_MAX_SOCKETS, DEFAULT_STATE_INTERVAL,
+                     DEFAULT_TOP_N, LISTEN_ADDRESS, PORT, make_filters)
 from .tracefs import MISSING_EFFECT, TRACEPOINTS, TracefsError, detect_layout, ensure_tracefs
 
 log = logging.getLogger("tcpstate")
@@ -135,11 +136,26 @@ def cli(log_level):
 @filter_options
 @click.option("--max-sockets", type=click.IntRange(1024, 1 << 24), default=DEFAULT_MAX_SOCKETS, show_default=True,
               envvar="TCPSTATE_MAX_SOCKETS", help="Size of the in-kernel per-socket table (LRU).")
-def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets):
+@click.option("--state-interval", type=click.FloatRange(0.1, 3600), default=DEFAULT_STATE_INTERVAL,
+              show_default=True, envvar="TCPSTATE_STATE_INTERVAL", metavar="SECONDS",
+              help="How often to count sockets by state from the kernel's socket tables (sock_diag).")
+@click.option("--top-n", type=click.IntRange(1, 1000), default=DEFAULT_TOP_N, show_default=True,
+              envvar="TCPSTATE_TOP_N", help="Ports and remote endpoints exported by name; the rest add up in "
+              "port=\"other\".")
+@click.option("--netns", "netns_paths", type=click.Path(dir_okay=False), multiple=True, envvar="TCPSTATE_NETNS",
+              metavar="PATH", help="Also poll the sockets of this network namespace (/var/run/netns/NAME or "
+              "/proc/PID/ns/net), labelled netns=NAME or netns=PATH. Repeatable.")
+@click.option("--forecast-window", type=click.FloatRange(1, 3600), default=DEFAULT_FORECAST_WINDOW,
+              show_default=True, envvar="TCPSTATE_FORECAST_WINDOW", metavar="SECONDS",
+              help="Window of the TIME_WAIT entry rate behind the port-exhaustion forecast.")
+def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, state_interval, top_n, netns_paths,
+        forecast_window):
     """Run the daemon: attach the tracepoints and serve /metrics.
 
     Serves / (a landing page), /metrics, /-/healthy, and /-/ready (200 once every
     available probe is attached). SIGTERM or SIGINT detaches everything and exits 0.
+    Socket counts by state, TIME_WAIT by port and the port-exhaustion forecast come
+    from a background poll of the kernel's socket tables every --state-interval.
 
     \b
     Examples:
@@ -147,15 +163,25 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets):
       sudo tcpstate run --listen-address 127.0.0.1:9966
       sudo tcpstate run --include-cidr 10.0.0.0/8 --include-cidr 2001:db8::/32
       sudo tcpstate run --exclude-cidr 127.0.0.0/8 --exclude-cidr ::1/128
-      sudo TCPSTATE_INCLUDE_PORT="80 443" tcpstate run
+      sudo tcpstate run --netns /var/run/netns/blue --netns /proc/4242/ns/net
+      sudo TCPSTATE_INCLUDE_PORT="80 443" tcpstate run --state-interval 2
     """
     from .aggregator import aggregate
     from .collector import TcpstateCollector
     from .probes import bcc_version
     from .server import Exporter, ServerError
 
+    from .collector import StateCollector
+    from .statepoll import StatePoller, Target
+
     stop = _stop_event()
     filters = make_filters(include_cidr, exclude_cidr, include_port)
+    targets = [Target.own()] + [Target.from_path(p) for p in netns_paths]
+    labels = [t.label for t in targets]
+    for t in targets:
+        if labels.count(t.label) > 1:
+            raise click.BadParameter(f"{t.path or 'the own namespace'} gives the label {t.label!r} twice",
+                                     param_hint="'--netns'")
     _require_privileges()
     registry = CollectorRegistry(auto_describe=False)
     exporter = Exporter(listen_address, registry, filters.describe())
@@ -164,6 +190,7 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets):
     except ServerError as exc:
         raise Fatal(str(exc)) from None
     probes = None
+    poller = None
     try:
         layout = _layout()
         log.info("filters: %s", filters.describe())
@@ -174,11 +201,16 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets):
                  "send_reset_layout": layout.send_reset_variant or "none"}
         registry.register(TcpstateCollector(lambda: aggregate(probes.read(), layout.reason_names, probes.program_stats()),
                                             lambda: probes.attached, build))
+        poller = StatePoller(targets, state_interval, top_n, probes.read_time_wait_by_remote, forecast_window)
+        registry.register(StateCollector(poller.results, poller.errors, time.time))
+        poller.start()
         exporter.ready.set()
         log.info("ready: serving http://%s/metrics", listen_address)
         stop.wait()
     finally:
         exporter.stop()
+        if poller is not None:
+            poller.stop()
         if probes is not None:
             probes.close()
         log.info("stopped")

@@ -112,3 +112,72 @@ class TcpstateCollector(Collector):
                                   "Transitions of sockets not in the socket table (opened before tcpstate "
                                   "started, or evicted); their durations are not observed.",
                                   value=counts.untracked_transitions)
+
+
+class StateCollector(Collector):
+    """The socket-table gauges, from the last background poll of each namespace.
+
+    results: label -> statepoll.NamespaceState; errors: label -> failed polls; clock: wall time.
+    Reads only what the poller already stored, so a scrape never waits for a poll."""
+
+    def __init__(self, results: Callable[[], dict], errors: Callable[[], dict], clock: Callable[[], float]):
+        self._results = results
+        self._errors = errors
+        self._clock = clock
+
+    def collect(self):
+        from .kstats import KERNEL_COUNTERS
+
+        results = self._results()
+        now = self._clock()
+        ns = ["netns"]
+        sockets = GaugeMetricFamily("tcpstate_sockets", "TCP sockets in each state now, from sock_diag (as `ss -tan` "
+                                    "counts them; ss shows NEW_SYN_RECV as SYN-RECV).", labels=ns + ["state"])
+        tw = GaugeMetricFamily("tcpstate_time_wait_sockets", "TIME_WAIT sockets by local or remote port: the top "
+                               "ports, then port=\"other\" for the rest.", labels=ns + ["side", "port"])
+        tw_limit = GaugeMetricFamily("tcpstate_time_wait_limit", "net.ipv4.tcp_max_tw_buckets: TIME_WAIT sockets "
+                                     "beyond it are not created.", labels=ns)
+        eph = GaugeMetricFamily("tcpstate_ephemeral_ports", "Ports in net.ipv4.ip_local_port_range: the 4-tuples a "
+                                "local address has per remote endpoint.", labels=ns)
+        in_use = GaugeMetricFamily("tcpstate_ephemeral_ports_in_use", "Sockets on an ephemeral local port per remote "
+                                   "endpoint (top endpoints), TIME_WAIT included.", labels=ns + ["remote"])
+        util = GaugeMetricFamily("tcpstate_ephemeral_port_utilization", "Forecast share of the ephemeral ports a "
+                                 "remote endpoint takes in the steady state at the current TIME_WAIT entry rate "
+                                 "(0..1; see README).", labels=ns + ["remote"])
+        exhaust = GaugeMetricFamily("tcpstate_ephemeral_port_exhaustion_seconds", "Forecast seconds until a remote "
+                                    "endpoint's ephemeral ports run out at the current rate; absent if they do not.",
+                                    labels=ns + ["remote"])
+        duration = GaugeMetricFamily("tcpstate_state_poll_duration_seconds", "Wall time of the last socket-table "
+                                     "poll.", labels=ns)
+        cpu = GaugeMetricFamily("tcpstate_state_poll_cpu_seconds", "CPU time (user+system) of the last "
+                                "socket-table poll.", labels=ns)
+        age = GaugeMetricFamily("tcpstate_state_poll_age_seconds", "Seconds since the last successful poll.",
+                                labels=ns)
+        kernel = {metric: CounterMetricFamily(f"tcpstate_kernel_tcp_{metric}", doc, labels=ns)
+                  for _f, _g, _k, metric, doc in KERNEL_COUNTERS}
+        for label in sorted(results):
+            r = results[label]
+            for state, n in r.sockets.items():
+                sockets.add_metric([label, state], n)
+            for side, port, n in r.time_wait_ports:
+                tw.add_metric([label, side, port], n)
+            tw_limit.add_metric([label], r.limits.time_wait_max)
+            eph.add_metric([label], r.limits.ephemeral_ports)
+            for e in r.endpoints:
+                in_use.add_metric([label, e.remote], e.time_wait + e.other)
+                if e.forecast is not None:
+                    util.add_metric([label, e.remote], e.forecast.utilization)
+                    if e.forecast.seconds_to_exhaustion is not None:
+                        exhaust.add_metric([label, e.remote], e.forecast.seconds_to_exhaustion)
+            duration.add_metric([label], r.duration_seconds)
+            cpu.add_metric([label], r.cpu_seconds)
+            age.add_metric([label], max(0.0, now - r.finished))
+            for metric, value in r.kernel.items():
+                kernel[metric].add_metric([label], value)
+        yield from (sockets, tw, tw_limit, eph, in_use, util, exhaust, duration, cpu, age)
+        yield from kernel.values()
+        errors = CounterMetricFamily("tcpstate_state_poll_errors", "Socket-table polls that failed (namespace "
+                                     "gone, unreadable, or refused).", labels=ns)
+        for label, n in sorted(self._errors().items()):
+            errors.add_metric([label], n)
+        yield errors

@@ -10,6 +10,9 @@ import click
 DEFAULT_PORT = 9966
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
 DEFAULT_MAX_SOCKETS = 65536
+DEFAULT_STATE_INTERVAL = 5.0  # seconds between socket-table polls
+DEFAULT_TOP_N = 10  # ports and remote endpoints exported by name
+DEFAULT_FORECAST_WINDOW = 30.0  # seconds of TIME_WAIT entries behind the rate
 
 
 @dataclass(frozen=True)

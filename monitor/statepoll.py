@@ -1,0 +1,180 @@
+"""statepoll.py: poll each network namespace's socket tables in the background; scrapes read the last result."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .forecast import PortForecast, RateWindow, forecast
+from .kstats import Limits, read_kernel_counters, read_limits
+from .netns import NetnsError, entered, label_for
+from .sockdiag import SockDiagError, Tally, endpoint_label, open_socket, poll
+from .states import STATE_NAMES
+
+log = logging.getLogger(__name__)
+
+# The states sock_diag reports (BOUND_INACTIVE sockets are not in the tables it walks).
+REPORTED_STATES = tuple(STATE_NAMES[n] for n in range(1, 13))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A namespace to poll: path None is the daemon's own, labelled ""."""
+
+    label: str
+    path: str | None
+
+    @classmethod
+    def own(cls) -> "Target":
+        return cls("", None)
+
+    @classmethod
+    def from_path(cls, path: str) -> "Target":
+        return cls(label_for(path), path)
+
+
+@dataclass(frozen=True)
+class EndpointStat:
+    remote: str  # "198.18.0.2:80"
+    time_wait: int  # sockets in TIME_WAIT on an ephemeral local port
+    other: int  # sockets in other states on an ephemeral local port
+    entry_rate: float | None  # TIME_WAIT entries per second, None before two polls
+    forecast: PortForecast | None
+
+
+@dataclass(frozen=True)
+class NamespaceState:
+    label: str
+    sockets: dict  # state name -> sockets, every reported state
+    time_wait_ports: tuple  # ((side, port label, sockets), ...): top N per side, then "other"
+    limits: Limits
+    kernel: dict  # metric suffix -> value
+    endpoints: tuple  # EndpointStat, top N by max(in use, demand)
+    duration_seconds: float
+    cpu_seconds: float
+    finished: float  # wall-clock time
+
+
+def top_ports(side: str, counts, n: int) -> list:
+    top = counts.most_common(n)
+    rest = sum(counts.values()) - sum(c for _, c in top)
+    return [(side, str(port), c) for port, c in top] + [(side, "other", rest)]
+
+
+def summarize(target: Target, tally: Tally, limits: Limits, kernel: dict, rates: dict | None, top_n: int,
+              duration: float, cpu: float, finished: float) -> NamespaceState:
+    """Turn one poll's raw tally into what the collector exports."""
+    sockets = {name: tally.states.get(num, 0) for num, name in STATE_NAMES.items() if name in REPORTED_STATES}
+    ports = top_ports("local", tally.tw_local, top_n) + top_ports("remote", tally.tw_remote, top_n)
+    stats = []
+    for key in set(tally.remote_time_wait) | set(tally.remote_other):
+        tw, other = tally.remote_time_wait.get(key, 0), tally.remote_other.get(key, 0)
+        rate = None if rates is None else rates.get(key, 0.0)
+        fc = None
+        if rate is not None and limits.ephemeral_ports > 0:
+            fc = forecast(limits.ephemeral_ports, tw, other, rate)
+        stats.append(EndpointStat(endpoint_label(key), tw, other, rate, fc))
+    stats.sort(key=lambda e: (-max(e.time_wait + e.other, e.forecast.demand if e.forecast else 0), e.remote))
+    return NamespaceState(target.label, sockets, tuple(ports), limits, kernel, tuple(stats[:top_n]),
+                          duration, cpu, finished)
+
+
+class StatePoller:
+    """Polls every target each interval in one background thread. results() returns the last
+    successful poll per namespace without waiting; a namespace that fails is dropped from it
+    (and logged once) until it can be polled again."""
+
+    def __init__(self, targets: list[Target], interval: float, top_n: int,
+                 time_wait_counts: Callable[[], dict] | None = None, window: float = 30.0,
+                 clock: Callable[[], float] = time.time):
+        self.targets = list(targets)
+        self.interval = interval
+        self.top_n = top_n
+        self._tw_counts = time_wait_counts
+        self._rates = RateWindow(window)
+        self._clock = clock
+        self._results: dict[str, NamespaceState] = {}
+        self._errors: dict[str, int] = {t.label: 0 for t in self.targets}
+        self._failing: set[str] = set()
+        self._per_family = False
+        self.rate_errors = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def results(self) -> dict[str, NamespaceState]:
+        return self._results  # replaced whole after each poll, never mutated
+
+    def errors(self) -> dict[str, int]:
+        return dict(self._errors)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="statepoll", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.poll_once()
+            except Exception:  # a bug must not silently end the polling
+                log.exception("state poll failed")
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def poll_once(self) -> None:
+        rates = None
+        if self._tw_counts is not None:
+            try:
+                rates = self._rates.update(time.monotonic(), self._tw_counts())
+            except Exception as exc:  # the socket counts do not depend on it: poll them anyway
+                self.rate_errors += 1
+                log.warning("reading the TIME_WAIT entries per remote endpoint failed: %s; no forecast this poll", exc)
+        results = {}
+        for target in self.targets:
+            state = self._poll_target(target, rates)
+            if state is not None:
+                results[target.label] = state
+        self._results = results
+
+    def _poll_target(self, target: Target, rates: dict | None) -> NamespaceState | None:
+        wall0, cpu0 = time.perf_counter(), time.thread_time()
+        try:
+            with entered(target.path) if target.path else contextlib.nullcontext():
+                sock = open_socket()  # stays in the namespace it was made in
+                limits = read_limits()
+                kernel = read_kernel_counters()
+            with sock:
+                tally = self._dump(sock, (limits.port_first, limits.port_last))
+        except (OSError, ValueError) as exc:
+            self._errors[target.label] += 1
+            if target.label not in self._failing:
+                self._failing.add(target.label)
+                name = f"netns {target.label!r} ({target.path})" if target.path else "own netns"
+                log.warning("%s: cannot poll sockets: %s; its series are dropped until it can be polled again",
+                            name, exc)
+            return None
+        if target.label in self._failing:
+            self._failing.discard(target.label)
+            log.info("netns %r: polling again", target.label)
+        return summarize(target, tally, limits, kernel, rates, self.top_n,
+                         time.perf_counter() - wall0, time.thread_time() - cpu0, self._clock())
+
+    def _dump(self, sock, port_range) -> Tally:
+        if not self._per_family:
+            try:
+                return poll(sock, port_range)
+            except SockDiagError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP):
+                    raise
+                log.info("the kernel refused the one-walk TCPDIAG_GETSOCK dump (%s); dumping per family", exc)
+                self._per_family = True
+        return poll(sock, port_range, per_family=True)
