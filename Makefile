@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup host run test unit kernel check clean
+.PHONY: setup host run test unit kernel check bench-state clean
 
 setup: host $(STAMP)
 
@@ -31,6 +31,10 @@ unit: $(STAMP)
 
 kernel: setup
 	$(VENV)/bin/python -m pytest -ra tests/kernel
+
+# CPU time of a socket-table poll at 1k, 10k and 130k TIME_WAIT sockets (root; namespaces).
+bench-state: setup
+	$(VENV)/bin/python tests/load/statepoll_bench.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from array import array
 import os
 import socket
 import struct
@@ -28,13 +29,19 @@ NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 RECORD = 88
 OFF_FAMILY, OFF_STATE, OFF_SPORT, OFF_DPORT, OFF_DST = 16, 17, 20, 22, 40
 
+INET_DIAG_SHUTDOWN = 8  # an attribute only full sockets carry
+NLA_TYPE_MASK = 0x3FFF
+
 TIME_WAIT, NEW_SYN_RECV, SYN_RECV, LISTEN = (NUMBERS[s] for s in ("TIME_WAIT", "NEW_SYN_RECV", "SYN_RECV", "LISTEN"))
 ALL_STATES = sum(1 << s for s in range(1, 13))  # ESTABLISHED .. NEW_SYN_RECV
-# Minisockets (TIME_WAIT and request sockets) carry the same attributes, so their records have
-# one size and decode by slicing; full sockets vary, so they are dumped apart. Request sockets
-# are reported with state SYN_RECV: a dump without full sockets tells them apart.
-MINI_STATES = 1 << TIME_WAIT | 1 << NEW_SYN_RECV
+# Minisockets (TIME_WAIT and request sockets) carry fewer attributes than full sockets, so
+# records come in a few sizes, in runs, and each run decodes by slicing. A request socket is
+# reported with state SYN_RECV; a record without INET_DIAG_SHUTDOWN is one.
+# The kernel adds request sockets to any dump that asks for SYN_RECV, so SYN_RECV goes with them.
+MINI_STATES = 1 << TIME_WAIT | 1 << NEW_SYN_RECV | 1 << SYN_RECV
 FULL_STATES = ALL_STATES & ~MINI_STATES
+MIN_RUN = 4  # shorter runs of one size are cut record by record
+BATCH = 1 << 20
 
 
 _V4_MAPPED = bytes(10) + b"\xff\xff"
@@ -75,42 +82,76 @@ def request(states: int, family: int = socket.AF_UNSPEC, seq: int = 1) -> bytes:
     return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
-def _uniform(body: bytes, stride: int, count: int) -> bool:
-    """True if every record in body starts with the same length and type as the first.
-    Record i then starts at i * stride: the slices check all of them at C speed."""
-    return all(body[i::stride] == body[i:i + 1] * count for i in range(6))
+def _matching(chunk: bytes, off: int, stride: int, count: int) -> int:
+    """How many of the count records from off have the first one's length and type (the 6
+    bytes starting each): record i then starts at off + i * stride. Column slices and one
+    XOR find the first mismatch at C speed."""
+    end = off + count * stride
+    first = count
+    for i in range(6):
+        col = chunk[off + i:end:stride]
+        want = col[:1] * len(col)
+        if col != want:
+            diff = int.from_bytes(col, "big") ^ int.from_bytes(want, "big")
+            first = min(first, len(col) - 1 - (diff.bit_length() - 1) // 8)
+    return first
 
 
-def split_records(chunk: bytes) -> tuple[bytes, int, bool]:
-    """(records, stride, done) for one datagram of a dump: the socket records as one buffer in
-    which record i starts at i * stride, and whether the dump ended in this datagram.
+def _run_length(chunk: bytes, off: int, stride: int, count: int) -> int:
+    # A short look first, so that alternating sizes do not cost a whole-datagram scan per record.
+    k = _matching(chunk, off, stride, min(count, 32))
+    if k < 32 or count <= 32:
+        return k
+    return _matching(chunk, off, stride, count)
 
-    Records of one size are returned as they came; mixed sizes are cut to their first 88
-    bytes (all the fields decoded here) at Python speed. Raises SockDiagError on NLMSG_ERROR."""
+
+def is_full_socket(chunk: bytes, off: int, length: int) -> bool:
+    """True if the record at off carries INET_DIAG_SHUTDOWN, which only full sockets have."""
+    pos, end = off + RECORD, off + length
+    while pos + 4 <= end:
+        nla_len, nla_type = struct.unpack_from("=HH", chunk, pos)
+        if nla_len < 4:
+            break
+        if nla_type & NLA_TYPE_MASK == INET_DIAG_SHUTDOWN:
+            return True
+        pos += (nla_len + 3) & ~3
+    return False
+
+
+def split_records(chunk: bytes) -> tuple[list, bool]:
+    """([(records, stride, full), ...], done) for one datagram of a dump: runs of records in
+    which record i starts at i * stride, full telling full sockets from minisockets, and
+    whether the dump ended in this datagram. A datagram of one record size is one run; short
+    runs are cut to their first 88 bytes (all the fields decoded here) record by record.
+    Raises SockDiagError on NLMSG_ERROR or a malformed message."""
     n = len(chunk)
-    if n >= RECORD:
-        stride, kind = struct.unpack_from("=IH", chunk)
-        if kind in RECORD_TYPES and stride >= RECORD:
-            count = n // stride
-            body = chunk[:count * stride]
-            if _uniform(body, stride, count):
-                done = _control(chunk, count * stride)
-                return body, stride, done
-    parts = []
+    runs = []
+    cut: dict[bool, list] = {True: [], False: []}
     off = 0
     done = False
     while off + NLMSG_HDR.size <= n:
         length, kind = struct.unpack_from("=IH", chunk, off)
         if length < NLMSG_HDR.size or off + length > n:
             raise SockDiagError(errno.EBADMSG, f"malformed netlink message at offset {off} (length {length})")
-        if kind in RECORD_TYPES:
-            if length < RECORD:
-                raise SockDiagError(errno.EBADMSG, f"short sock_diag record ({length} bytes)")
-            parts.append(chunk[off:off + RECORD])
+        if kind not in RECORD_TYPES:
+            done = _control(chunk, off)
+            break  # control messages end a datagram
+        if length < RECORD:
+            raise SockDiagError(errno.EBADMSG, f"short sock_diag record ({length} bytes)")
+        stride = (length + 3) & ~3
+        k = _run_length(chunk, off, stride, (n - off) // stride) if n - off >= stride else 1
+        full = is_full_socket(chunk, off, length)
+        if k >= MIN_RUN:
+            # Same size, same kind: the attributes that tell them apart are what sets the size.
+            runs.append((chunk[off:off + k * stride], stride, full))
+            off += k * stride
         else:
-            done = _control(chunk, off) or done
-        off += (length + 3) & ~3
-    return b"".join(parts), RECORD, done
+            cut[full].append(chunk[off:off + RECORD])
+            off += stride
+    for full, parts in cut.items():
+        if parts:
+            runs.append((b"".join(parts), RECORD, full))
+    return runs, done
 
 
 def _control(chunk: bytes, off: int) -> bool:
@@ -132,15 +173,14 @@ def _control(chunk: bytes, off: int) -> bool:
 
 
 def dump(sock: socket.socket, req: bytes, bufsize: int = 1 << 16):
-    """Yield (records, stride) per datagram of one dump."""
+    """Yield (records, stride, full) per run of records of one dump."""
     sock.send(req)
     while True:
         chunk = sock.recv(bufsize)
         if not chunk:
             raise SockDiagError(errno.EIO, "sock_diag dump ended without NLMSG_DONE")
-        records, stride, done = split_records(chunk)
-        if records:
-            yield records, stride
+        runs, done = split_records(chunk)
+        yield from runs
         if done:
             return
 
@@ -160,7 +200,11 @@ def _table(pred) -> bytes:
 
 
 _TW = _table(lambda b: b == TIME_WAIT)
-_NOT_LISTEN = _table(lambda b: b != LISTEN)
+# Sockets that hold a local port for a 4-tuple of their own: not listeners, and not the
+# server side of a handshake (a request socket or SYN_RECV child uses the listener's port).
+_HOLDING = _table(lambda b: b not in (LISTEN, SYN_RECV))
+# The flag byte of an endpoint key: 1 for TIME_WAIT, 2 for any other holding state.
+_KIND = bytes(1 if b == TIME_WAIT else 2 for b in range(256))
 
 
 @lru_cache(maxsize=8)
@@ -183,15 +227,13 @@ def in_range_mask(hi: bytes, lo: bytes, first: int, last: int) -> bytes:
     return _or(hi.translate(inside), _or(low_edge, high_edge))
 
 
-def _ports(hi: bytes, lo: bytes, mask: bytes) -> Counter:
-    """Count 16-bit ports given as byte columns; masked-out entries count as port 0."""
+def _ports(hi: bytes, lo: bytes, mask: bytes) -> array:
+    """16-bit ports given as byte columns, as an array; masked-out entries become port 0."""
     buf = bytearray(2 * len(hi))
     first, second = (lo, hi) if sys.byteorder == "little" else (hi, lo)
     buf[0::2] = _and(first, mask)
     buf[1::2] = _and(second, mask)
-    counts = Counter(memoryview(buf).cast("H"))
-    counts.pop(0, None)  # no socket has port 0: these are the masked-out ones
-    return counts
+    return array("H", buf)  # Counter iterates an array faster than a memoryview
 
 
 @dataclass
@@ -202,34 +244,40 @@ class Tally:
     tw_local: Counter = field(default_factory=Counter)  # local port -> TIME_WAIT sockets
     tw_remote: Counter = field(default_factory=Counter)  # remote port -> TIME_WAIT sockets
     # (family, address bytes (4 or 16), port) -> sockets on a local port in the ephemeral range,
-    # in TIME_WAIT / in any other state that holds a 4-tuple (not LISTEN)
+    # in TIME_WAIT / in any other state that holds a 4-tuple (not LISTEN, not SYN_RECV)
     remote_time_wait: Counter = field(default_factory=Counter)
     remote_other: Counter = field(default_factory=Counter)
 
     def add(self, records: bytes, stride: int, mini: bool, port_range: tuple[int, int] | None) -> None:
-        """Count the records of one datagram (record i at i * stride). Every step runs over whole
-        columns (bytes slices, translate, big-integer AND, Counter): Python never loops per
-        socket, which keeps a poll of 130k TIME_WAIT sockets in milliseconds."""
+        """Count one run of records (record i at i * stride; mini: minisockets, whose SYN_RECV
+        is a request socket). Every step runs over whole columns (bytes slices, translate,
+        big-integer AND, Counter): Python never loops per socket."""
         st = records[OFF_STATE::stride]
         states = Counter({s: n for s in range(1, 13) if (n := st.count(s))})  # memchr speed
-        if mini and SYN_RECV in states:  # request sockets
+        if mini and SYN_RECV in states:
             states[NEW_SYN_RECV] += states.pop(SYN_RECV)
         self.states.update(states)
         sp_hi, sp_lo = records[OFF_SPORT::stride], records[OFF_SPORT + 1::stride]
         dp_hi, dp_lo = records[OFF_DPORT::stride], records[OFF_DPORT + 1::stride]
-        tw = st.translate(_TW) if mini else b""
-        if mini and states.get(TIME_WAIT):
+        if states.get(TIME_WAIT):
+            tw = st.translate(_TW)
+            # Counted straight into the totals (a Counter merged into another is a Python loop);
+            # the masked-out port 0 is dropped at the end, in finish().
             self.tw_local.update(_ports(sp_hi, sp_lo, tw))
             self.tw_remote.update(_ports(dp_hi, dp_lo, tw))
         if port_range is None:
             return
-        holding = tw if mini else st.translate(_NOT_LISTEN)
-        flag = _and(in_range_mask(sp_hi, sp_lo, *port_range), holding)
-        if not flag.strip(b"\0"):
-            return
-        self._add_remotes(records, stride, flag, dp_hi, dp_lo, mini)
+        flag = _and(_and(in_range_mask(sp_hi, sp_lo, *port_range), st.translate(_HOLDING)), st.translate(_KIND))
+        if flag.strip(b"\0"):
+            self._add_remotes(records, stride, flag, dp_hi, dp_lo)
 
-    def _add_remotes(self, records, stride, flag, dp_hi, dp_lo, mini) -> None:
+    def finish(self) -> "Tally":
+        """Drop the placeholder port 0 of non-TIME_WAIT records (no socket has port 0)."""
+        self.tw_local.pop(0, None)
+        self.tw_remote.pop(0, None)
+        return self
+
+    def _add_remotes(self, records, stride, flag, dp_hi, dp_lo) -> None:
         # Key per record: flag, family, remote port, first 4 address bytes, as one 64-bit word.
         n = len(flag)
         fam = records[OFF_FAMILY::stride]
@@ -237,7 +285,7 @@ class Tally:
         key[0::8], key[1::8], key[2::8], key[3::8] = flag, fam, dp_hi, dp_lo
         for i in range(4):
             key[4 + i::8] = records[OFF_DST + i::stride]
-        words = memoryview(key).cast("Q")
+        words = array("Q", key)
         if fam.find(socket.AF_INET6) < 0:
             counts = Counter(words)
         else:  # IPv6 needs the other 12 address bytes: two more words per record
@@ -246,8 +294,7 @@ class Tally:
                 mid[i::8] = records[OFF_DST + 4 + i::stride]
             for i in range(4):
                 low[i::8] = records[OFF_DST + 12 + i::stride]
-            counts = Counter(zip(words, memoryview(mid).cast("Q"), memoryview(low).cast("Q")))
-        target = self.remote_time_wait if mini else self.remote_other
+            counts = Counter(zip(words, array("Q", mid), array("Q", low)))
         for k, count in counts.items():
             w = k if isinstance(k, tuple) else (k, 0, 0)
             head = w[0].to_bytes(8, sys.byteorder)
@@ -259,24 +306,47 @@ class Tally:
                 addr = head[4:8]
             else:
                 addr = head[4:8] + w[1].to_bytes(8, sys.byteorder) + w[2].to_bytes(8, sys.byteorder)[:4]
+            target = self.remote_time_wait if head[0] == 1 else self.remote_other
             target[endpoint(family, addr, port)] += count
 
 
-def poll(sock: socket.socket, port_range: tuple[int, int] | None, per_family: bool = False) -> Tally:
+def one_walk_pays(sockstat: str) -> bool:
+    """Whether to dump all states in one walk of the kernel's tables rather than minisockets and
+    full sockets apart, from /proc/net/sockstat. Each walk costs about as much as the sockets
+    it passes; one walk saves that when TIME_WAIT dominates, but interleaves the record sizes,
+    which is cheap to split only while full sockets are rare."""
+    for line in sockstat.splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()[1:]
+            values = dict(zip(fields[::2], (int(v) for v in fields[1::2])))
+            return values.get("tw", 0) >= 64 * max(1, values.get("inuse", 0))
+    return False
+
+
+def poll(sock: socket.socket, port_range: tuple[int, int] | None, per_family: bool = False,
+         one_walk: bool = False) -> Tally:
     """Every TCP socket of the socket's namespace by state, TIME_WAIT sockets by local and
     remote port, and sockets on a local port in port_range (the ephemeral ports) by remote
-    endpoint. Two walks of the kernel's tables (minisockets, full sockets), both families in
-    each; per_family uses the newer request, one walk per family, for kernels without the old one."""
+    endpoint. Both families per walk; per_family uses the newer request, a walk per family,
+    for kernels without the old one. one_walk: see one_walk_pays()."""
     tally = Tally()
     families = (socket.AF_INET, socket.AF_INET6) if per_family else (socket.AF_UNSPEC,)
+    walks = (ALL_STATES,) if one_walk else (MINI_STATES, FULL_STATES)
     for family in families:
-        for mini, states in ((True, MINI_STATES), (False, FULL_STATES)):
-            by_stride: dict[int, list] = {}
-            for records, stride in dump(sock, request(states, family)):
-                by_stride.setdefault(stride, []).append(records)
-            for stride, parts in by_stride.items():  # one pass per record size, not per datagram
-                tally.add(b"".join(parts), stride, mini, port_range)
-    return tally
+        for states in walks:
+            # Runs of one kind are counted in batches of about BATCH bytes: few passes, and
+            # buffers small enough to stay in cache and be reused instead of faulted in.
+            groups: dict[tuple, list] = {}
+            for records, stride, full in dump(sock, request(states, family)):
+                parts = groups.setdefault((stride, full), [])
+                parts.append(records)
+                if len(parts) * len(records) >= BATCH:
+                    tally.add(b"".join(parts), stride, not full, port_range)
+                    parts.clear()
+            for (stride, full), parts in groups.items():
+                if parts:
+                    tally.add(b"".join(parts), stride, not full, port_range)
+    return tally.finish()
 
 
 def open_socket() -> socket.socket:

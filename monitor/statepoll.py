@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .forecast import PortForecast, RateWindow, forecast
-from .kstats import Limits, read_kernel_counters, read_limits
+from .kstats import PROC_NET, Limits, read_kernel_counters, read_limits
 from .netns import NetnsError, entered, label_for
-from .sockdiag import SockDiagError, Tally, endpoint_label, open_socket, poll
+from .sockdiag import SockDiagError, Tally, endpoint_label, one_walk_pays, open_socket, poll
 from .states import STATE_NAMES
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,10 @@ class StatePoller:
                 sock = open_socket()  # stays in the namespace it was made in
                 limits = read_limits()
                 kernel = read_kernel_counters()
+                with open(f"{PROC_NET}/sockstat") as f:
+                    one_walk = one_walk_pays(f.read())
             with sock:
-                tally = self._dump(sock, (limits.port_first, limits.port_last))
+                tally = self._dump(sock, (limits.port_first, limits.port_last), one_walk)
         except (OSError, ValueError) as exc:
             self._errors[target.label] += 1
             if target.label not in self._failing:
@@ -168,13 +170,13 @@ class StatePoller:
         return summarize(target, tally, limits, kernel, rates, self.top_n,
                          time.perf_counter() - wall0, time.thread_time() - cpu0, self._clock())
 
-    def _dump(self, sock, port_range) -> Tally:
+    def _dump(self, sock, port_range, one_walk: bool) -> Tally:
         if not self._per_family:
             try:
-                return poll(sock, port_range)
+                return poll(sock, port_range, one_walk=one_walk)
             except SockDiagError as exc:
                 if exc.errno not in (errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP):
                     raise
                 log.info("the kernel refused the one-walk TCPDIAG_GETSOCK dump (%s); dumping per family", exc)
                 self._per_family = True
-        return poll(sock, port_range, per_family=True)
+        return poll(sock, port_range, per_family=True, one_walk=one_walk)

@@ -16,6 +16,14 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
+def netns_path(name: str) -> str:
+    return f"/var/run/netns/{name}"
+
+
+def ns_exec(ns: str, *cmd: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, capture_output=True, text=True).stdout
+
+
 @contextlib.contextmanager
 def in_netns(name: str):
     """Switch this thread into a namespace; sockets made meanwhile stay in it."""
@@ -42,8 +50,8 @@ class NetnsPair:
     SERVER_ADDR2 = "198.18.0.3"
     SILENT_ADDR = "198.18.0.9"  # resolves to a MAC no one has: SYNs vanish without an answer
 
-    def __init__(self):
-        tag = os.getpid()
+    def __init__(self, tag: str = ""):
+        tag = f"{tag}{os.getpid()}"
         self.client = f"tcpst-a-{tag}"
         self.server = f"tcpst-b-{tag}"
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import traffic
+from .netns import netns_path
 
 TCPSTATE = str(Path(sys.executable).parent / "tcpstate")
 
@@ -62,7 +63,9 @@ def test_run_serves_metrics_and_stops_on_sigterm(netns):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([TCPSTATE, "run", "--listen-address", f"127.0.0.1:{port}",
-                             "--include-cidr", "198.18.0.0/15"], stderr=subprocess.PIPE, text=True)
+                             "--include-cidr", "198.18.0.0/15", "--state-interval", "0.5",
+                             "--netns", netns_path(netns.client), "--netns", "/nonexistent/netns"],
+                            stderr=subprocess.PIPE, text=True)
     try:
         wait_ready(base, proc)
         assert get(base + "/-/healthy") == (200, "OK\n")
@@ -86,6 +89,18 @@ def test_run_serves_metrics_and_stops_on_sigterm(netns):
         for tp in ("sock:inet_sock_set_state", "tcp:tcp_send_reset", "tcp:tcp_receive_reset",
                    "sock:inet_sk_error_report", "tcp:tcp_destroy_sock"):
             assert s[("tcpstate_probe_attached", (("tracepoint", tp),))] == 1
+        # The socket-table poll of the client's namespace sees the n TIME_WAIT sockets just made;
+        # the missing namespace only costs errors.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            s = samples(get(base + "/metrics")[1])
+            if s.get(("tcpstate_sockets", (("netns", netns.client), ("state", "TIME_WAIT"))), 0) >= n:
+                break
+            time.sleep(0.1)
+        assert s[("tcpstate_sockets", (("netns", netns.client), ("state", "TIME_WAIT")))] >= n
+        assert s[("tcpstate_state_poll_errors_total", (("netns", "/nonexistent/netns"),))] >= 1
+        assert ("tcpstate_sockets", (("netns", "/nonexistent/netns"), ("state", "TIME_WAIT"))) not in s
+        assert s[("tcpstate_sockets", (("netns", ""), ("state", "LISTEN")))] >= 1  # the daemon's own
         promtool = shutil.which("promtool")
         assert promtool, "promtool missing: make setup installs it"
         check = subprocess.run([promtool, "check", "metrics"], input=after, capture_output=True, text=True)
@@ -95,8 +110,10 @@ def test_run_serves_metrics_and_stops_on_sigterm(netns):
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=10)
         took = time.monotonic() - t0
-    assert rc == 0, proc.stderr.read()
+    err = proc.stderr.read()
+    assert rc == 0, err
     assert took < 2.0, f"took {took:.2f}s to stop"
+    assert "netns '/nonexistent/netns' (/nonexistent/netns): cannot poll sockets" in err
 
 
 def test_watch_streams_json_with_process(netns):

@@ -1,0 +1,242 @@
+"""Socket-table gauges on real sockets: counts by state equal `ss`, TIME_WAIT by port, the forecast, --netns failures."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from monitor.statepoll import StatePoller, Target
+
+from . import traffic
+from .netns import NetnsPair, netns_path, ns_exec, socket_in
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Namespaces of this module alone: TIME_WAIT sockets of other tests would linger 60 s in theirs."""
+    p = NetnsPair("s")
+    p.down()
+    p.up()
+    yield p
+    p.down()
+
+
+def poll(ns: str, **kwargs):
+    poller = StatePoller([Target.from_path(netns_path(ns))], interval=1, top_n=kwargs.pop("top_n", 10), **kwargs)
+    poller.poll_once()
+    return poller.results()[ns]
+
+
+SS_STATE = {"LISTEN": "listening", "ESTABLISHED": "established", "CLOSE_WAIT": "close-wait",
+            "FIN_WAIT2": "fin-wait-2"}
+
+
+def ss_count(ns: str, state: str) -> int:
+    """What `ss -tan` counts in one state (ss names: time-wait, syn-recv, listening, ...)."""
+    return len(ns_exec(ns, "ss", "-Htan", "state", SS_STATE.get(state, state)).splitlines())
+
+
+def test_time_wait_equals_ss_and_ports_add_up(pair):
+    m = 37
+    with traffic.Listener(pair.server, pair.SERVER_ADDR) as lst:
+        traffic.client_closes_first(pair.client, lst, m)
+        port = lst.port
+    # TIME_WAIT sockets stay 60 s, longer than this test: ss and the poll see the same set.
+    result = poll(pair.client, top_n=3)
+    assert ss_count(pair.client, "time-wait") == m
+    assert result.sockets["TIME_WAIT"] == m
+    assert all(n == 0 for state, n in result.sockets.items() if state != "TIME_WAIT"), result.sockets
+    local = {p: n for side, p, n in result.time_wait_ports if side == "local"}
+    remote = {p: n for side, p, n in result.time_wait_ports if side == "remote"}
+    # Each connect took its own ephemeral port; all went to one server port.
+    assert len(local) == 4 and set(local.values()) == {1, m - 3}
+    assert sum(local.values()) == m
+    assert remote == {str(port): m, "other": 0}
+    # The server's side closed second: no TIME_WAIT there.
+    assert poll(pair.server).sockets["TIME_WAIT"] == ss_count(pair.server, "time-wait") == 0
+    # The endpoint holds m of the client's ephemeral ports, all in TIME_WAIT.
+    [ep] = result.endpoints
+    assert (ep.remote, ep.time_wait, ep.other) == (f"{pair.SERVER_ADDR}:{port}", m, 0)
+
+
+def test_open_states_match_the_sockets_held(pair):
+    k, half_closed = 6, 2
+    lst = traffic.Listener(pair.server, pair.SERVER_ADDR2)
+    held = []
+    try:
+        for _ in range(k):
+            c = socket_in(pair.client)
+            c.connect((lst.addr, lst.port))
+            s, _ = lst.sock.accept()
+            held += [c, s]
+        for c in held[0:2 * half_closed:2]:
+            c.shutdown(socket.SHUT_WR)  # client FIN_WAIT2, server CLOSE_WAIT
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and ss_count(pair.server, "close-wait") < half_closed:
+            time.sleep(0.05)
+        server, client = poll(pair.server), poll(pair.client)
+        expected_server = {"LISTEN": 1, "ESTABLISHED": k - half_closed, "CLOSE_WAIT": half_closed}
+        expected_client = {"ESTABLISHED": k - half_closed, "FIN_WAIT2": half_closed}
+        for state, n in expected_server.items():
+            assert server.sockets[state] == n == ss_count(pair.server, state), state
+        for state, n in expected_client.items():
+            assert client.sockets[state] == n == ss_count(pair.client, state), state
+        others = {s: n for s, n in server.sockets.items() if s not in expected_server and n}
+        assert others == {}
+        # Open connections hold the client's ports too ("other" than TIME_WAIT).
+        ep = [e for e in client.endpoints if e.remote == f"{pair.SERVER_ADDR2}:{lst.port}"]
+        assert [(e.time_wait, e.other) for e in ep] == [(0, k)]
+    finally:
+        for s in held:
+            s.close()
+        lst.close()
+
+
+def test_new_syn_recv_is_counted(pair):
+    """A listener with TCP_DEFER_ACCEPT ignores a final ACK without data, so its request socket
+    (NEW_SYN_RECV; ss says SYN-RECV) stays while the client already counts as ESTABLISHED."""
+    lst = traffic.Listener(pair.server, pair.SERVER_ADDR)
+    lst.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 10)
+    c = socket_in(pair.client)
+    try:
+        c.connect((lst.addr, lst.port))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and ss_count(pair.server, "syn-recv") < 1:
+            time.sleep(0.05)
+        result = poll(pair.server)
+        assert result.sockets["NEW_SYN_RECV"] == 1 == ss_count(pair.server, "syn-recv")
+        assert result.sockets["SYN_RECV"] == 0
+        assert result.sockets["LISTEN"] == 1
+    finally:
+        c.close()
+        lst.close()
+
+
+class Pacer:
+    """A server in one namespace and a client connecting and closing first at a set rate."""
+
+    def __init__(self, pair, port_range: str):
+        self.pair = pair
+        ns_exec(pair.client, "sysctl", "-qw", f"net.ipv4.ip_local_port_range={port_range}")
+        self.lst = traffic.Listener(pair.server, pair.SERVER_ADDR)
+        self.lst.sock.settimeout(None)
+        self.made = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                s, _ = self.lst.sock.accept()
+            except OSError:
+                return
+            with s:
+                s.settimeout(5)
+                s.recv(1)
+
+    def run(self, rate: float, seconds: float) -> None:
+        start = time.monotonic()
+        n = int(rate * seconds)
+        for i in range(n):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            c = socket_in(self.pair.client)
+            c.connect((self.lst.addr, self.lst.port))
+            c.close()
+            self.made += 1
+
+    def close(self):
+        self.lst.close()
+        ns_exec(self.pair.client, "sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 60999")
+
+
+def test_forecast_rises_toward_one(pair, probes):
+    """1000 ephemeral ports; connections to one endpoint at rising rates: 3, 6, 12, 24 per
+    second need 180, 360, 720, 1440 ports in the steady state (60 s of TIME_WAIT each)."""
+    pacer = Pacer(pair, "40000 40999")
+    poller = StatePoller([Target.from_path(netns_path(pair.client))], interval=0.5, top_n=5,
+                         time_wait_counts=probes.read_time_wait_by_remote, window=2.5)
+    remote = f"{pair.SERVER_ADDR}:{pacer.lst.port}"
+    seen = []
+    try:
+        poller.poll_once()
+        for rate in (3, 6, 12, 24):
+            pacer.run(rate, 2.5)
+            time.sleep(0.3)  # the last closes reach TIME_WAIT
+            poller.poll_once()
+            [ep] = [e for e in poller.results()[pair.client].endpoints if e.remote == remote]
+            seen.append((rate, ep))
+            print(f"rate {rate}/s: measured {ep.entry_rate:.1f}/s, in use {ep.time_wait + ep.other}, "
+                  f"utilization {ep.forecast.utilization:.3f}, exhaustion {ep.forecast.seconds_to_exhaustion}")
+    finally:
+        pacer.close()
+    utilizations = [ep.forecast.utilization for _, ep in seen]
+    assert utilizations == sorted(utilizations) and utilizations[0] < utilizations[-1]
+    for rate, ep in seen:
+        # The kernel's count of entries matches what the client made, within the pacing's slack.
+        assert ep.entry_rate == pytest.approx(rate, rel=0.35), (rate, ep)
+        assert ep.forecast.utilization == pytest.approx(min(1.0, (ep.entry_rate * 60 + ep.other) / 1000), rel=1e-9)
+    assert utilizations[0] < 0.5
+    assert utilizations[-1] == 1.0
+    # Ports in use are far from 1000 yet, but at 24/s they run out: a finite forecast.
+    last = seen[-1][1]
+    assert last.time_wait == pacer.made and 0 < last.forecast.seconds_to_exhaustion < (1000 - last.time_wait) / 10
+
+
+def test_vanishing_and_missing_namespaces(caplog):
+    name = f"tcpst-gone-{__import__('os').getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    poller = StatePoller([Target.own(), Target.from_path(netns_path(name)),
+                          Target.from_path("/nonexistent/netns")], interval=1, top_n=3)
+    try:
+        with caplog.at_level(logging.INFO, logger="monitor.statepoll"):
+            poller.poll_once()
+            assert set(poller.results()) == {"", name}
+            subprocess.run(["ip", "netns", "del", name], check=True)
+            poller.poll_once()
+            poller.poll_once()
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    assert set(poller.results()) == {""}  # the others' series are dropped, the own namespace still polled
+    assert poller.errors() == {"": 0, name: 2, "/nonexistent/netns": 3}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # One line per namespace when it starts failing, not one per poll.
+    assert len(warnings) == 2, warnings
+    assert any(name in w and "No such file or directory" in w for w in warnings)
+    assert any("/nonexistent/netns" in w for w in warnings)
+
+
+def test_one_walk_and_two_walks_agree(pair):
+    """The poll dumps all states in one walk when TIME_WAIT dominates, else minisockets and full
+    sockets apart: both must count the same sockets."""
+    from monitor import sockdiag
+
+    from .netns import in_netns
+
+    lst = traffic.Listener(pair.server, pair.SERVER_ADDR)
+    held = []
+    try:
+        traffic.client_closes_first(pair.client, lst, 20)  # TIME_WAIT in the client's namespace
+        for _ in range(3):
+            c = socket_in(pair.client)
+            c.connect((lst.addr, lst.port))
+            held += [c, lst.sock.accept()[0]]
+        for ns in (pair.client, pair.server):
+            with in_netns(ns):
+                sock = sockdiag.open_socket()
+            with sock:
+                tallies = [sockdiag.poll(sock, (32768, 60999), one_walk=w) for w in (False, True)]
+                tallies.append(sockdiag.poll(sock, (32768, 60999), per_family=True))
+            assert tallies[0] == tallies[1] == tallies[2], ns
+            assert tallies[0].states[sockdiag.TIME_WAIT] == ss_count(ns, "time-wait")
+            assert tallies[0].states[1] == 3  # ESTABLISHED: the three held connections, each side
+    finally:
+        for s in held:
+            s.close()
+        lst.close()

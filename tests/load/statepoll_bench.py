@@ -1,0 +1,124 @@
+"""statepoll_bench.py: CPU and wall time of one socket-table poll with 1k, 10k and 130k TIME_WAIT sockets.
+
+Run as root (make bench-state). For each size it makes a fresh pair of network namespaces
+(198.18.0.0/15 addresses), fills the client's socket table with TIME_WAIT sockets using the
+churn generator (bounded by count and time), polls it several times the way the daemon does,
+and prints a Markdown table: median and worst CPU time (user+system of the polling thread,
+where the kernel's share of a netlink dump is spent) and wall time, plus `ss -tan` for scale.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from monitor.statepoll import StatePoller, Target  # noqa: E402
+
+SIZES = (1000, 10000, 130000)
+POLLS = 7
+SERVER_PORTS = (5001, 5002)
+SERVER_ADDRS = ("198.18.200.2", "198.18.200.3")
+
+
+def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def build_churn(tmp: str) -> str:
+    exe = os.path.join(tmp, "churn")
+    sh("gcc", "-O2", "-pthread", "-o", exe, str(ROOT / "tests/load/churn.c"))
+    return exe
+
+
+def make_pair(tag: str) -> tuple[str, str]:
+    a, b = f"tcpst-bench-a-{tag}", f"tcpst-bench-b-{tag}"
+    for ns in (a, b):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        sh("ip", "netns", "add", ns)
+    sh("ip", "link", "add", "tb0", "netns", a, "type", "veth", "peer", "name", "tb0", "netns", b)
+    sh("ip", "-n", a, "addr", "add", "198.18.200.1/24", "dev", "tb0")
+    for addr in SERVER_ADDRS:
+        sh("ip", "-n", b, "addr", "add", f"{addr}/24", "dev", "tb0")
+    for ns in (a, b):
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "link", "set", "tb0", "up")
+    # No TIME_WAIT reuse, so every connection leaves its socket; the widest port range.
+    sh("ip", "netns", "exec", a, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535",
+       "net.ipv4.tcp_tw_reuse=0")
+    return a, b
+
+
+def fill(churn: str, client: str, server: str, n: int) -> int:
+    servers = [subprocess.Popen(["ip", "netns", "exec", server, churn, "server", addr, str(port), "1"],
+                                stdout=subprocess.PIPE, text=True)
+               for addr in SERVER_ADDRS for port in SERVER_PORTS]
+    try:
+        for s in servers:
+            assert s.stdout.readline().strip() == "listening"
+        per = -(-n // len(servers))
+        clients = [subprocess.Popen(["ip", "netns", "exec", client, churn, "client", addr, str(port), "40",
+                                     str(min(per, n - i * per)), "1"], stdout=subprocess.PIPE, text=True)
+                   for i, (addr, port) in enumerate((a, p) for a in SERVER_ADDRS for p in SERVER_PORTS)]
+        for c in clients:
+            c.wait(timeout=60)
+    finally:
+        for s in servers:
+            s.terminate()
+            s.wait(timeout=5)
+    time.sleep(0.5)  # the last FINs
+    tw = sh("ip", "netns", "exec", client, "cat", "/proc/net/sockstat").stdout
+    return int(tw.split(" tw ")[1].split()[0])
+
+
+def measure(client: str) -> dict:
+    poller = StatePoller([Target.from_path(f"/var/run/netns/{client}")], interval=1, top_n=10)
+    cpu, wall = [], []
+    for _ in range(POLLS):
+        poller.poll_once()
+        r = poller.results()[client]
+        cpu.append(r.cpu_seconds * 1e3)
+        wall.append(r.duration_seconds * 1e3)
+    t0 = time.perf_counter()
+    ss_lines = len(sh("ip", "netns", "exec", client, "ss", "-Htan").stdout.splitlines())
+    ss_ms = (time.perf_counter() - t0) * 1e3
+    return {"time_wait": r.sockets["TIME_WAIT"], "ss": ss_lines, "cpu_med": statistics.median(cpu),
+            "cpu_max": max(cpu), "wall_med": statistics.median(wall), "wall_max": max(wall), "ss_ms": ss_ms}
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("statepoll_bench: needs root (namespaces)", file=sys.stderr)
+        return 1
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        churn = build_churn(tmp)
+        for n in SIZES:
+            client, server = make_pair(str(n))
+            try:
+                made = fill(churn, client, server, n)
+                m = measure(client)
+                m["target"], m["made"] = n, made
+                rows.append(m)
+                print(f"{n}: {m}", file=sys.stderr)
+            finally:
+                for ns in (client, server):
+                    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    print(f"Socket-table poll, {POLLS} polls per size, {os.cpu_count()} CPUs, kernel {os.uname().release}\n")
+    print("| TIME_WAIT sockets | poll CPU median (ms) | poll CPU max (ms) | poll wall median (ms) | `ss -tan` wall (ms) |")
+    print("|---:|---:|---:|---:|---:|")
+    for m in rows:
+        assert m["time_wait"] == m["ss"], m  # the poll and ss agree
+        print(f"| {m['time_wait']} | {m['cpu_med']:.1f} | {m['cpu_max']:.1f} | {m['wall_med']:.1f} | {m['ss_ms']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
