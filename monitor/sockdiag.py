@@ -160,6 +160,11 @@ def _control(chunk: bytes, off: int) -> bool:
     while off + NLMSG_HDR.size <= n:
         length, kind = struct.unpack_from("=IH", chunk, off)
         if kind == NLMSG_DONE:
+            # A dump that failed part way ends with the negative errno in NLMSG_DONE.
+            if length >= NLMSG_HDR.size + 4:
+                err = -struct.unpack_from("=i", chunk, off + NLMSG_HDR.size)[0]
+                if err > 0:
+                    raise SockDiagError(err, f"sock_diag dump failed part way: {os.strerror(err)}")
             return True
         if kind == NLMSG_ERROR:
             err = -struct.unpack_from("=i", chunk, off + NLMSG_HDR.size)[0]

@@ -1,0 +1,539 @@
+"""sock_diag parsing and counting: synthetic netlink datagrams checked against a plain per-record reference."""
+
+import errno
+import random
+import socket
+import struct
+import subprocess
+from collections import Counter
+
+import pytest
+
+from monitor import sockdiag
+from monitor.sockdiag import SockDiagError, Tally, endpoint, endpoint_label, request, split_records
+
+HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+NLM_F_MULTI = 0x2
+AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
+ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, LISTEN, CLOSING, \
+    NEW_SYN_RECV = range(1, 13)
+# Full sockets in SYN_RECV exist (a Fast Open child); TIME_WAIT and request sockets are minisockets.
+FULL = (ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE, CLOSE_WAIT, LAST_ACK, LISTEN, CLOSING)
+
+
+# --- building datagrams -------------------------------------------------------------------------
+
+def attr(kind, payload):
+    """One netlink attribute, padded to 4 bytes as the kernel pads it."""
+    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return raw + bytes(-len(raw) % 4)
+
+
+SHUTDOWN, SKV6ONLY, MARK, CGROUP_ID, SOCKOPT = 8, 9, 15, 21, 22
+# Attribute sets giving the record sizes the kernel sends. Minisockets carry at most the mark
+# (88 bytes; 96 when dumped by root); full sockets always carry INET_DIAG_SHUTDOWN, then the
+# cgroup id, socket options, the mark for root, SKV6ONLY for IPv6 listeners (104 .. 132).
+ATTRS = {
+    88: b"",
+    96: attr(MARK, struct.pack("=I", 0)),
+    104: attr(SHUTDOWN, b"\0") + attr(SOCKOPT, bytes(2)),
+    116: attr(SHUTDOWN, b"\0") + attr(CGROUP_ID, struct.pack("=Q", 1)) + attr(SOCKOPT, bytes(2)),
+    124: attr(SHUTDOWN, b"\0") + attr(MARK, struct.pack("=I", 7)) + attr(CGROUP_ID, struct.pack("=Q", 1))
+    + attr(SOCKOPT, bytes(2)),
+    132: attr(SHUTDOWN, b"\0") + attr(SKV6ONLY, b"\0") + attr(MARK, struct.pack("=I", 7))
+    + attr(CGROUP_ID, struct.pack("=Q", 1)) + attr(SOCKOPT, bytes(2)),
+}
+assert {k: 88 + len(v) for k, v in ATTRS.items()} == {k: k for k in ATTRS}
+MINI_SIZES, FULL_SIZES = (88, 96), (104, 116, 124, 132)
+
+
+def record(family, state, sport, dport, dst, size=None, kind=sockdiag.SOCK_DIAG_BY_FAMILY, src=bytes(16)):
+    """nlmsghdr + struct inet_diag_msg + attributes: ports big-endian, the rest host order.
+    The size picks the attributes, and so whether the record is a full socket."""
+    if size is None:
+        size = 96 if state in (TIME_WAIT, SYN_RECV) else 124
+    msg = (struct.pack("=BBBB", family, state, 0, 0) + struct.pack("!HH", sport, dport)
+           + src.ljust(16, b"\0") + dst.ljust(16, b"\0")
+           + struct.pack("=I", 0) + struct.pack("=Q", 0xC00C1E)  # if, cookie
+           + struct.pack("=IIIII", 0, 0, 0, 0, 0))  # expires, rqueue, wqueue, uid, inode
+    assert len(msg) == 72
+    body = msg + ATTRS[size]
+    return HDR.pack(HDR.size + len(body), kind, NLM_F_MULTI, 1, 0) + body
+
+
+def mini(family, state, sport, dport, dst, size=96):
+    return record(family, state, sport, dport, dst, size)
+
+
+def full(family, state, sport, dport, dst, size=124):
+    return record(family, state, sport, dport, dst, size)
+
+
+def done(errno_value=0):
+    return HDR.pack(20, sockdiag.NLMSG_DONE, NLM_F_MULTI, 1, 0) + struct.pack("=i", errno_value)
+
+
+def error(errno_value):
+    """NLMSG_ERROR: the error and the header of the request it refers to."""
+    body = struct.pack("=i", errno_value) + HDR.pack(76, 18, 0x301, 1, 0)
+    return HDR.pack(HDR.size + len(body), sockdiag.NLMSG_ERROR, 0, 1, 0) + body
+
+
+# --- the reference ------------------------------------------------------------------------------
+
+def has_shutdown(chunk, off, length):
+    pos = off + 88
+    while pos + 4 <= off + length:
+        nla_len, nla_type = struct.unpack_from("=HH", chunk, pos)
+        if nla_type == SHUTDOWN:
+            return True
+        pos += (nla_len + 3) & ~3
+    return False
+
+
+def parse(chunk):
+    """Every socket record of a datagram as a dict, one record at a time."""
+    out, off = [], 0
+    while off + 16 <= len(chunk):
+        length, kind = struct.unpack_from("=IH", chunk, off)
+        if kind in (18, 20):
+            sport, dport = struct.unpack_from("!HH", chunk, off + 20)
+            out.append(dict(family=chunk[off + 16], state=chunk[off + 17], sport=sport, dport=dport,
+                            dst=chunk[off + 40:off + 56], full=has_shutdown(chunk, off, length)))
+        off += (length + 3) & ~3
+    return out
+
+
+def reference(records, port_range):
+    """What Tally must compute, written the obvious way."""
+    ref = Tally()
+    for r in records:
+        state = r["state"]
+        if 1 <= state <= 12:
+            # A minisocket in SYN_RECV is a request socket: the kernel's NEW_SYN_RECV.
+            ref.states[NEW_SYN_RECV if state == SYN_RECV and not r["full"] else state] += 1
+        if state == TIME_WAIT:
+            ref.tw_local[r["sport"]] += 1
+            ref.tw_remote[r["dport"]] += 1
+        if port_range is None or not port_range[0] <= r["sport"] <= port_range[1]:
+            continue
+        if state in (LISTEN, SYN_RECV):  # they use the listener's port, not an ephemeral one of their own
+            continue
+        key = endpoint(r["family"], r["dst"], r["dport"])
+        (ref.remote_time_wait if state == TIME_WAIT else ref.remote_other)[key] += 1
+    return ref
+
+
+def tally_of(chunks, port_range):
+    """What poll() does with the datagrams of a dump."""
+    t = Tally()
+    for chunk in chunks:
+        runs, _ = split_records(chunk)
+        for records, stride, is_full in runs:
+            t.add(records, stride, not is_full, port_range)
+    return t.finish()
+
+
+def assert_same(got, want):
+    # Counters compare equal ignoring zero entries; compare the positive counts.
+    for name in ("states", "tw_local", "tw_remote", "remote_time_wait", "remote_other"):
+        g, w = getattr(got, name), getattr(want, name)
+        assert +g == +w, name
+        assert all(v > 0 for v in g.values()), name
+
+
+def run_count(chunk):
+    runs, _ = split_records(chunk)
+    return sum(len(records) // stride for records, stride, _ in runs)
+
+
+# --- random record sets -------------------------------------------------------------------------
+
+V4 = [bytes([198, 18, 0, i]) for i in range(1, 5)] + [bytes([10, 0, 0, 1])]
+V6 = [socket.inet_pton(AF_INET6, a) for a in ("2001:db8::1", "2001:db8::2", "fe80::1:2:3:4", "::1")]
+MAPPED = [bytes(10) + b"\xff\xff" + a for a in V4[:3]]  # the same peers reached over dual-stack sockets
+RANGES = [(40000, 40100), (1024, 65535), (32768, 60999), (40000, 40000), (255, 256), (0x1200, 0x12FF)]
+
+
+def sport_for(rng, port_range):
+    """Local ports that probe the range's edges and its high/low byte split."""
+    first, last = port_range or (32768, 60999)
+    edges = [first - 1, first, first + 1, last - 1, last, last + 1,
+             (first & 0xFF00) | rng.randrange(256), (last & 0xFF00) | rng.randrange(256),
+             rng.randint(first, last)]
+    p = rng.choice(edges) if rng.random() < 0.7 else rng.randint(1, 65535)
+    return min(max(p, 1), 65535)
+
+
+def random_records(rng, n, walk, port_range, families="mixed", mini_sizes=(96,), full_sizes=(124,),
+                   garbage=False):
+    """walk: "mini" (TIME_WAIT and request sockets), "full", or "one" (all interleaved)."""
+    out = []
+    for _ in range(n):
+        fam_kind = rng.choice(["v4", "v6", "mapped"]) if families == "mixed" else families
+        if fam_kind == "v4":
+            family, dst = AF_INET, rng.choice(V4)
+            if garbage:  # bytes past the IPv4 address must not split the key
+                dst += bytes(rng.randrange(256) for _ in range(12))
+        elif fam_kind == "v6":
+            family, dst = AF_INET6, rng.choice(V6)
+        else:
+            family, dst = AF_INET6, rng.choice(MAPPED)
+        is_mini = walk == "mini" or (walk == "one" and rng.random() < 0.7)
+        if is_mini:
+            state, size = (TIME_WAIT if rng.random() < 0.8 else SYN_RECV), rng.choice(mini_sizes)
+        else:
+            state, size = rng.choice(FULL), rng.choice(full_sizes)
+        dport = 0 if state == LISTEN else rng.choice([80, 443, 5432, 8080, rng.randint(1, 65535)])
+        out.append(record(family, state, sport_for(rng, port_range), dport, dst, size))
+    return out
+
+
+def datagrams(rng, records, end=True):
+    """Cut records into datagrams of random sizes, the last ending in NLMSG_DONE."""
+    out, i = [], 0
+    while i < len(records):
+        k = rng.randint(1, 60)
+        out.append(b"".join(records[i:i + k]))
+        i += k
+    if end:
+        if out:
+            out[-1] += done()
+        else:
+            out.append(done())
+    return out
+
+
+def check(chunks, port_range):
+    ref = reference([r for c in chunks for r in parse(c)], port_range)
+    assert sum(run_count(c) for c in chunks) == sum(len(parse(c)) for c in chunks)  # none lost
+    assert_same(tally_of(chunks, port_range), ref)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("walk", ["mini", "full"])
+def test_uniform_records_match_reference(seed, walk):
+    rng = random.Random(seed)
+    port_range = RANGES[seed % len(RANGES)]
+    recs = random_records(rng, rng.randint(1, 400), walk, port_range)
+    chunks = datagrams(rng, recs)
+    for chunk in chunks:  # a datagram of one record size of MIN_RUN or more is one run, uncut
+        n = len(parse(chunk))
+        runs, _ = split_records(chunk)
+        if n >= sockdiag.MIN_RUN:
+            size = 96 if walk == "mini" else 124
+            assert [(len(r), s, f) for r, s, f in runs] == [(n * size, size, walk == "full")]
+    check(chunks, port_range)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("walk", ["mini", "full", "one"])
+def test_mixed_sizes_match_reference(seed, walk):
+    rng = random.Random(1000 + seed)
+    port_range = RANGES[seed % len(RANGES)]
+    recs = random_records(rng, rng.randint(2, 400), walk, port_range, mini_sizes=MINI_SIZES,
+                          full_sizes=FULL_SIZES)
+    check(datagrams(rng, recs), port_range)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_one_walk_runs_match_reference(seed):
+    # Long runs of TIME_WAIT with full sockets and request sockets between them, as the
+    # one-walk dump of a host dominated by TIME_WAIT sends: runs and cut records together.
+    rng = random.Random(2000 + seed)
+    port_range = RANGES[seed % len(RANGES)]
+    recs = []
+    while len(recs) < 600:
+        recs += random_records(rng, rng.choice([1, 2, 3, 4, 5, 40]), rng.choice(["mini", "full"]), port_range,
+                               mini_sizes=(rng.choice(MINI_SIZES),), full_sizes=(rng.choice(FULL_SIZES),))
+    chunks = datagrams(rng, recs)
+    assert any(s != 88 for c in chunks for _, s, _ in split_records(c)[0])  # some runs uncut
+    check(chunks, port_range)
+
+
+@pytest.mark.parametrize("families", ["v4", "v6", "mapped", "mixed"])
+@pytest.mark.parametrize("port_range", RANGES + [None])
+def test_families_and_ranges_match_reference(families, port_range):
+    rng = random.Random(f"{families} {port_range}")  # str seeds are stable across runs
+    for walk in ("mini", "full", "one"):
+        recs = random_records(rng, 300, walk, port_range, families=families, garbage=True)
+        check(datagrams(rng, recs), port_range)
+
+
+@pytest.mark.parametrize("port_range", RANGES)
+def test_range_edges_exactly(port_range):
+    # One socket on each edge and one past each: exactly those inside count.
+    first, last = port_range
+    ports = [p for p in (first - 1, first, last, last + 1) if 1 <= p <= 65535]
+    for recs in ([mini(AF_INET, TIME_WAIT, p, 80, V4[0]) for p in ports],
+                 [mini(AF_INET, TIME_WAIT, p, 80, V4[0]) for p in ports] * 3):  # cut, and one run
+        t = tally_of([b"".join(recs) + done()], port_range)
+        inside = sum(first <= p <= last for p in ports) * len(recs) // len(ports)
+        assert t.remote_time_wait == Counter({(AF_INET, V4[0], 80): inside})
+
+
+def test_request_sockets_are_new_syn_recv():
+    recs = [mini(AF_INET, SYN_RECV, 40000, 80, V4[0]), mini(AF_INET, TIME_WAIT, 40000, 80, V4[0]),
+            full(AF_INET, SYN_RECV, 40000, 80, V4[0]), full(AF_INET, ESTABLISHED, 40000, 80, V4[0])]
+    t = tally_of([b"".join(recs) + done()], (40000, 40100))
+    assert +t.states == {NEW_SYN_RECV: 1, SYN_RECV: 1, TIME_WAIT: 1, ESTABLISHED: 1}
+    # Neither kind of SYN_RECV holds an ephemeral port: they share the listener's.
+    assert t.remote_time_wait == Counter({(AF_INET, V4[0], 80): 1})
+    assert t.remote_other == Counter({(AF_INET, V4[0], 80): 1})
+
+
+def test_v4_mapped_and_v4_share_a_key():
+    recs = [mini(AF_INET, TIME_WAIT, 40000, 80, V4[0]), mini(AF_INET6, TIME_WAIT, 40001, 80, MAPPED[0]),
+            mini(AF_INET6, TIME_WAIT, 40002, 80, V6[0])]
+    t = tally_of([b"".join(recs)], (40000, 40100))
+    assert t.remote_time_wait == Counter({(AF_INET, V4[0], 80): 2, (AF_INET6, V6[0], 80): 1})
+
+
+def test_finish_drops_the_placeholder_port():
+    # TIME_WAIT and other sockets in one run: the others count as port 0 until finish().
+    recs = [mini(AF_INET, TIME_WAIT, 40000, 80, V4[0])] * 2 + [mini(AF_INET, SYN_RECV, 40001, 81, V4[0])] * 3
+    runs, _ = split_records(b"".join(recs))
+    assert len(runs) == 1
+    t = Tally()
+    t.add(*runs[0][:2], True, None)
+    assert t.finish().tw_local == Counter({40000: 2}) and t.tw_remote == Counter({80: 2})
+
+
+@pytest.mark.parametrize("kind", sockdiag.RECORD_TYPES)
+def test_both_record_types_are_records(kind):
+    recs = [record(AF_INET, TIME_WAIT, 40000, 80, V4[0], 96, kind=kind)] * 5
+    runs, is_done = split_records(b"".join(recs) + done())
+    assert ([(len(r), s, f) for r, s, f in runs], is_done) == ([(480, 96, False)], True)
+
+
+# --- split_records --------------------------------------------------------------------------------
+
+def test_done_flag_only_with_nlmsg_done():
+    recs = b"".join(mini(AF_INET, TIME_WAIT, 40000 + i, 80, V4[0]) for i in range(5))
+    mixed = recs + full(AF_INET, ESTABLISHED, 40000, 80, V4[0])
+    assert split_records(recs)[1] is False
+    assert split_records(recs + done())[1] is True
+    assert split_records(mixed)[1] is False
+    assert split_records(mixed + done())[1] is True
+    assert split_records(done()) == ([], True)
+
+
+def test_a_run_is_returned_uncut():
+    recs = b"".join(full(AF_INET, ESTABLISHED, 40000 + i, 80, V4[0], size=124) for i in range(4))
+    assert split_records(recs + done()) == ([(recs, 124, True)], True)
+
+
+def test_short_runs_are_cut_to_88_bytes_by_kind():
+    a = mini(AF_INET, TIME_WAIT, 40000, 80, V4[0], size=96)
+    b = full(AF_INET6, ESTABLISHED, 40001, 443, V6[0], size=116)
+    c = mini(AF_INET, SYN_RECV, 40002, 80, V4[0], size=96)
+    runs, is_done = split_records(a + b + c + done())
+    assert is_done
+    assert sorted(runs, key=lambda r: r[2]) == [(a[:88] + c[:88], 88, False), (b[:88], 88, True)]
+
+
+def test_runs_and_cut_records_in_one_datagram():
+    tw = [mini(AF_INET, TIME_WAIT, 40000 + i, 80, V4[0]) for i in range(6)]
+    est = full(AF_INET, ESTABLISHED, 40100, 80, V4[0])
+    runs, _ = split_records(b"".join(tw[:3]) + est + b"".join(tw[3:]) + done())
+    # 3 + 1 + 3: no run reaches MIN_RUN, all are cut
+    assert sorted((len(r) // s, s, f) for r, s, f in runs) == [(1, 88, True), (6, 88, False)]
+    runs, _ = split_records(b"".join(tw) + est + b"".join(tw) + done())
+    assert sorted((len(r) // s, s, f) for r, s, f in runs) == [(1, 88, True), (6, 96, False), (6, 96, False)]
+
+
+@pytest.mark.parametrize("sizes", [(124, 96), (124, 124, 96), (116, 88), (124,) * 5 + (96,), (132,) * 40 + (124,)])
+def test_shorter_last_record_is_kept(sizes):
+    # Longer records, then a shorter one that fits in less than a stride (as when a datagram
+    # ends with an IPv4 listener after IPv6 ones, which carry SKV6ONLY), no NLMSG_DONE behind.
+    recs = [record(AF_INET, LISTEN if s >= 104 else TIME_WAIT, 40000 + i, 0, V4[0], s) for i, s in enumerate(sizes)]
+    assert run_count(b"".join(recs)) == len(sizes)
+
+
+def test_is_full_socket():
+    for size in MINI_SIZES:
+        assert not sockdiag.is_full_socket(mini(AF_INET, TIME_WAIT, 1, 2, V4[0], size), 0, size)
+    for size in FULL_SIZES:
+        assert sockdiag.is_full_socket(full(AF_INET, LISTEN, 1, 0, V4[0], size), 0, size)
+    # the type's top bits are flags (nested, byte order), not part of the type
+    rec = mini(AF_INET, ESTABLISHED, 1, 2, V4[0], 88) + attr(SHUTDOWN | 0x4000, b"\0")
+    rec = struct.pack("=I", len(rec)) + rec[4:]
+    assert sockdiag.is_full_socket(rec, 0, len(rec))
+
+
+def test_control_messages_end_the_datagram():
+    recs = [mini(AF_INET, TIME_WAIT, 40000, 80, V4[0])]
+    runs, is_done = split_records(recs[0] + done() + recs[0])
+    assert is_done and sum(len(r) // s for r, s, _ in runs) == 1
+
+
+@pytest.mark.parametrize("prefix", ["none", "run", "cut"])
+def test_nlmsg_error_raises_its_errno(prefix):
+    recs = {"none": b"",
+            "run": mini(AF_INET, TIME_WAIT, 40000, 80, V4[0]) * 5,
+            "cut": mini(AF_INET, TIME_WAIT, 40000, 80, V4[0]) + full(AF_INET, 1, 40000, 80, V4[0]),
+            }[prefix]
+    with pytest.raises(SockDiagError) as exc:
+        split_records(recs + error(-errno.EINVAL))
+    assert exc.value.errno == errno.EINVAL
+
+
+def test_nlmsg_error_zero_is_an_ack_that_ends_the_dump():
+    assert split_records(error(0)) == ([], True)
+
+
+def test_message_length_below_header_raises():
+    bad = HDR.pack(8, sockdiag.NLMSG_DONE, 0, 1, 0)
+    with pytest.raises(SockDiagError) as exc:
+        split_records(mini(AF_INET, TIME_WAIT, 40000, 80, V4[0]) + bad + bytes(12))
+    assert exc.value.errno == errno.EBADMSG
+    with pytest.raises(SockDiagError):
+        split_records(bad + bytes(12))
+    with pytest.raises(SockDiagError):  # a zero length would loop forever if let through
+        split_records(bytes(16))
+
+
+def test_message_longer_than_the_datagram_raises():
+    a = mini(AF_INET, TIME_WAIT, 40000, 80, V4[0])
+    b = full(AF_INET, ESTABLISHED, 40000, 80, V4[0], size=116)
+    with pytest.raises(SockDiagError) as exc:
+        split_records(a + b[:100])
+    assert exc.value.errno == errno.EBADMSG
+
+
+def test_truncated_last_record_of_a_run_raises():
+    rec = mini(AF_INET, TIME_WAIT, 40000, 80, V4[0])
+    for whole in (2, 6):
+        with pytest.raises(SockDiagError):
+            split_records(rec * whole + rec[:50])
+
+
+def test_truncated_only_record_raises():
+    with pytest.raises(SockDiagError):
+        split_records(full(AF_INET, ESTABLISHED, 40000, 80, V4[0], size=116)[:100])
+
+
+@pytest.mark.parametrize("length", [16, 72, 87])
+def test_short_record_raises(length):
+    short = HDR.pack(length, sockdiag.SOCK_DIAG_BY_FAMILY, NLM_F_MULTI, 1, 0) + bytes(length - 16)
+    short += bytes(-len(short) % 4)
+    with pytest.raises(SockDiagError) as exc:
+        split_records(short + done())
+    assert exc.value.errno == errno.EBADMSG
+    with pytest.raises(SockDiagError):
+        split_records(mini(AF_INET, TIME_WAIT, 40000, 80, V4[0]) * 5 + short + done())
+
+
+# --- request ------------------------------------------------------------------------------------
+
+def test_request_unspec_is_tcpdiag_getsock():
+    req = request(sockdiag.MINI_STATES, socket.AF_UNSPEC, seq=7)
+    length, kind, flags, seq, pid = HDR.unpack_from(req)
+    assert (length, kind, flags, seq, pid) == (len(req), 18, 0x301, 7, 0)
+    assert len(req) == 16 + 60
+    body = req[16:]
+    assert body[:4] == bytes(4)  # family, src_len, dst_len, ext
+    assert body[4:52] == bytes(48)  # sockid: any
+    assert struct.unpack_from("=II", body, 52) == (sockdiag.MINI_STATES, 0)  # states, dbs
+
+
+@pytest.mark.parametrize("family", [AF_INET, AF_INET6])
+def test_request_per_family_is_sock_diag_by_family(family):
+    req = request(sockdiag.FULL_STATES, family)
+    length, kind, flags, seq, pid = HDR.unpack_from(req)
+    assert (length, kind, flags, seq, pid) == (len(req), 20, 0x301, 1, 0)
+    assert len(req) == 16 + 56
+    body = req[16:]
+    assert tuple(body[:4]) == (family, socket.IPPROTO_TCP, 0, 0)  # family, protocol, ext, pad
+    assert struct.unpack_from("=I", body, 4)[0] == sockdiag.FULL_STATES
+    assert body[8:] == bytes(48)
+
+
+def test_the_two_walks_cover_every_state_once():
+    assert sockdiag.FULL_STATES | sockdiag.MINI_STATES == sockdiag.ALL_STATES == sum(1 << s for s in range(1, 13))
+    assert not sockdiag.FULL_STATES & sockdiag.MINI_STATES
+    assert sockdiag.MINI_STATES == 1 << TIME_WAIT | 1 << NEW_SYN_RECV | 1 << SYN_RECV
+
+
+def test_one_walk_pays_when_time_wait_dominates():
+    line = "sockets: used 300\nTCP: inuse {} orphan 0 tw {} alloc 12 mem 3\nUDP: inuse 1 mem 0\n"
+    assert sockdiag.one_walk_pays(line.format(5, 320))
+    assert not sockdiag.one_walk_pays(line.format(5, 319))
+    assert sockdiag.one_walk_pays(line.format(0, 64))  # no full sockets at all
+    assert not sockdiag.one_walk_pays("UDP: inuse 1 mem 0\n")
+
+
+# --- endpoints ----------------------------------------------------------------------------------
+
+def test_endpoint_keys():
+    v4 = socket.inet_pton(AF_INET, "198.18.0.2")
+    assert endpoint(AF_INET, v4 + bytes(12), 80) == (AF_INET, v4, 80)
+    assert endpoint(AF_INET, v4 + b"\x01" * 12, 80) == (AF_INET, v4, 80)
+    mapped = socket.inet_pton(AF_INET6, "::ffff:198.18.0.2")
+    assert endpoint(AF_INET6, mapped, 80) == (AF_INET, v4, 80)
+    v6 = socket.inet_pton(AF_INET6, "2001:db8::1")
+    assert endpoint(AF_INET6, v6, 443) == (AF_INET6, v6, 443)
+    # Only ::ffff:0:0/96 is IPv4: the deprecated v4-compatible ::a.b.c.d stays IPv6.
+    compat = bytes(12) + v4
+    assert endpoint(AF_INET6, compat, 80) == (AF_INET6, compat, 80)
+
+
+def test_endpoint_labels():
+    v4 = socket.inet_pton(AF_INET, "198.18.0.2")
+    assert endpoint_label((AF_INET, v4, 80)) == "198.18.0.2:80"
+    assert endpoint_label((AF_INET6, socket.inet_pton(AF_INET6, "2001:db8::1"), 443)) == "[2001:db8::1]:443"
+    assert endpoint_label(endpoint(AF_INET6, socket.inet_pton(AF_INET6, "::ffff:192.0.2.7"), 8080)) \
+        == "192.0.2.7:8080"
+
+
+# --- the real kernel ----------------------------------------------------------------------------
+
+POLLS = [{}, {"one_walk": True}, {"per_family": True}]
+
+
+def listen_counts():
+    with sockdiag.open_socket() as sock:
+        return [sockdiag.poll(sock, None, **kw).states[LISTEN] for kw in POLLS]
+
+
+def test_poll_counts_a_new_listener():
+    # Listening only: no packet is sent. Other processes may open or close listeners meanwhile,
+    # so a few attempts are allowed; an undisturbed one must show exactly our listener, in
+    # every kind of walk.
+    for _ in range(5):
+        with socket.socket(AF_INET, socket.SOCK_STREAM) as lst:
+            lst.bind(("127.0.0.1", 0))
+            lst.listen()
+            with_ours = listen_counts()
+        without = listen_counts()
+        assert min(with_ours) >= 1
+        diffs = [a - b for a, b in zip(with_ours, without)]
+        if diffs == [1, 1, 1]:
+            break
+    assert diffs == [1, 1, 1], (with_ours, without)
+
+
+def test_poll_agrees_with_ss():
+    def ss():
+        out = subprocess.run(["ss", "-Htln"], capture_output=True, text=True, check=True).stdout
+        return len(out.splitlines())
+
+    seen = []
+    for _ in range(5):
+        before, ours, after = ss(), listen_counts()[0], ss()
+        seen.append((before, ours, after))
+        if before == after:
+            break
+    before, ours, after = seen[-1]
+    assert before == after, f"listeners kept changing: {seen}"
+    assert ours == before, seen
+
+
+def test_done_with_an_error_raises():
+    """A dump that fails part way ends with NLMSG_DONE carrying -errno: a partial count must not pass as whole."""
+    done = struct.pack("=IHHIIi", 20, sockdiag.NLMSG_DONE, 2, 1, 0, -errno.ENOBUFS)
+    with pytest.raises(sockdiag.SockDiagError) as exc:
+        sockdiag.split_records(done)
+    assert exc.value.errno == errno.ENOBUFS
+    ok = struct.pack("=IHHIIi", 20, sockdiag.NLMSG_DONE, 2, 1, 0, 0)
+    assert sockdiag.split_records(ok) == ([], True)
