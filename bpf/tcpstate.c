@@ -35,10 +35,6 @@ BPF_PERCPU_ARRAY(connect_fails, __u64, TCPSTATE_NFAILS);
 BPF_PERCPU_ARRAY(durations, __u64, TCPSTATE_NHIST * TCPSTATE_HIST_STRIDE);
 BPF_PERCPU_ARRAY(stats, __u64, TCPSTATE_NSTATS);
 BPF_TABLE("lru_hash", __u64, struct tcpstate_sock, socks, TCPSTATE_MAX_SOCKS);
-/* Connects that entered TIME_WAIT, per remote endpoint: the rate at which each endpoint's
- * ephemeral ports get tied up for the TIME_WAIT lifetime (monitor/forecast.py). An LRU table:
- * an endpoint not seen for long makes room, and its count restarts. */
-BPF_TABLE("lru_hash", struct tcpstate_endpoint, __u64, time_wait_by_remote, TCPSTATE_MAX_REMOTES);
 
 /* A failed connect (SYN_SENT->CLOSE) waits here until we know why. The kernel reports the
  * socket error right *after* the transition, through a tracepoint that has no skaddr and may
@@ -242,25 +238,6 @@ static __always_inline void close_resolve(void *ctx, struct flow *f, __u64 skadd
 #ifdef TCPSTATE_EMIT_EVENTS
 	emit(ctx, f, skaddr, TCPSTATE_EV_TRANSITION, s->prev_state, to, 0, s->close_delta_us, s);
 #endif
-}
-
-static __always_inline void count_time_wait_remote(struct flow *f)
-{
-	struct tcpstate_endpoint k = {};
-	__builtin_memcpy(k.addr, f->daddr, 16);
-	k.port = f->dport;
-	k.family = f->family;
-	__u64 one = 1;
-	__u64 *n = time_wait_by_remote.lookup(&k);
-	if (n) {
-		__sync_fetch_and_add(n, 1);  /* shared by all CPUs */
-		return;
-	}
-	if (time_wait_by_remote.insert(&k, &one) != 0) {  /* another CPU inserted it first */
-		n = time_wait_by_remote.lookup(&k);
-		if (n)
-			__sync_fetch_and_add(n, 1);
-	}
 }
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
@@ -467,10 +444,12 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 		}
 	}
 	if (s && (s->flags & TCPSTATE_SOCK_CLOSE_PENDING)) {
+#ifdef TCPSTATE_NEED_FLOW
 		struct flow f = {};
 		TCPSTATE_FLOW_FROM_FIELDS(&f, args);
-		if (s->syn_ts_ns)  /* our connect: its local port is an ephemeral one */
-			count_time_wait_remote(&f);
+#else
+		struct flow f;
+#endif
 		close_resolve(args, &f, skaddr, s, TCPSTATE_TCP_TIME_WAIT);
 	}
 	/* Frees the slot at once instead of waiting for LRU eviction. */

@@ -100,14 +100,6 @@ struct tcpstate_event {
 	char comm[TCPSTATE_COMM_LEN];
 };
 
-/* Key of time_wait_by_remote: a remote endpoint our connects reached TIME_WAIT with. */
-#define TCPSTATE_MAX_REMOTES 4096
-struct tcpstate_endpoint {
-	__u8 addr[16];   /* IPv4 in the first 4 bytes */
-	__u16 port;      /* host byte order */
-	__u16 family;
-};
-
 /* Key of the CIDR filter tries (BPF LPM trie keys start with the prefix length). */
 struct tcpstate_lpm_v4 {
 	__u32 prefixlen;

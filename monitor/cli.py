@@ -144,10 +144,12 @@ def cli(log_level):
               "port=\"other\".")
 @click.option("--netns", "netns_paths", type=click.Path(dir_okay=False), multiple=True, envvar="TCPSTATE_NETNS",
               metavar="PATH", help="Also poll the sockets of this network namespace (/var/run/netns/NAME or "
-              "/proc/PID/ns/net), labelled netns=NAME or netns=PATH. Repeatable.")
-@click.option("--forecast-window", type=click.FloatRange(1, 3600), default=DEFAULT_FORECAST_WINDOW,
+              "/proc/PID/ns/net), labelled netns=NAME or netns=PATH. Repeatable; in the environment, "
+              "colon-separated.")
+@click.option("--forecast-window", type=click.FloatRange(1, 60), default=DEFAULT_FORECAST_WINDOW,
               show_default=True, envvar="TCPSTATE_FORECAST_WINDOW", metavar="SECONDS",
-              help="Window of the TIME_WAIT entry rate behind the port-exhaustion forecast.")
+              help="The port-exhaustion forecast's rate counts the connections that entered TIME_WAIT within "
+              "this many seconds (at most the 60 s TIME_WAIT lifetime).")
 def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, state_interval, top_n, netns_paths,
         forecast_window):
     """Run the daemon: attach the tracepoints and serve /metrics.
@@ -201,7 +203,7 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, s
                  "send_reset_layout": layout.send_reset_variant or "none"}
         registry.register(TcpstateCollector(lambda: aggregate(probes.read(), layout.reason_names, probes.program_stats()),
                                             lambda: probes.attached, build))
-        poller = StatePoller(targets, state_interval, top_n, probes.read_time_wait_by_remote, forecast_window)
+        poller = StatePoller(targets, state_interval, top_n, forecast_window)
         registry.register(StateCollector(poller.results, poller.errors, time.time))
         poller.start()
         exporter.ready.set()

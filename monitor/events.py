@@ -98,16 +98,6 @@ class SockInfo(ctypes.Structure):
     ]
 
 
-class Endpoint(ctypes.Structure):
-    """Mirror of struct tcpstate_endpoint (key of time_wait_by_remote)."""
-
-    _fields_ = [
-        ("addr", ctypes.c_uint8 * 16),
-        ("port", ctypes.c_uint16),
-        ("family", ctypes.c_uint16),
-    ]
-
-
 class DecodeError(ValueError):
     """A record whose size does not match struct tcpstate_event."""
 

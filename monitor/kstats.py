@@ -65,15 +65,34 @@ def read_kernel_counters(proc_net: str = PROC_NET) -> dict[str, int]:
             if (group, field) in tables[file]}
 
 
+def read_sockstat(proc_net: str = PROC_NET) -> str:
+    """/proc/net/sockstat and sockstat6 of the calling thread's namespace, joined."""
+    with open(f"{proc_net}/sockstat") as f:
+        text = f.read()
+    try:
+        with open(f"{proc_net}/sockstat6") as f:
+            text += f.read()
+    except FileNotFoundError:  # no IPv6
+        pass
+    return text
+
+
 @dataclass(frozen=True)
 class Limits:
     time_wait_max: int  # net.ipv4.tcp_max_tw_buckets
     port_first: int  # net.ipv4.ip_local_port_range
     port_last: int
+    reserved: int = 0  # ports of net.ipv4.ip_local_reserved_ports inside the range
 
     @property
     def ephemeral_ports(self) -> int:
+        """The size of ip_local_port_range."""
         return max(0, self.port_last - self.port_first + 1)
+
+    @property
+    def usable_ports(self) -> int:
+        """The ports connect() can pick: the range without the reserved ones."""
+        return max(0, self.ephemeral_ports - self.reserved)
 
 
 def parse_port_range(text: str) -> tuple[int, int]:
@@ -81,9 +100,27 @@ def parse_port_range(text: str) -> tuple[int, int]:
     return first, last
 
 
+def reserved_in_range(text: str, first: int, last: int) -> int:
+    """How many ports of ip_local_reserved_ports ("8080,9000-9010") lie in [first, last]."""
+    ports = set()
+    for part in text.replace("\n", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        lo_port, hi_port = int(lo), int(hi or lo)
+        ports.update(range(max(lo_port, first), min(hi_port, last) + 1))
+    return len(ports)
+
+
 def read_limits(proc_sys: str = PROC_SYS) -> Limits:
     with open(f"{proc_sys}/tcp_max_tw_buckets") as f:
         tw_max = int(f.read())
     with open(f"{proc_sys}/ip_local_port_range") as f:
         first, last = parse_port_range(f.read())
-    return Limits(tw_max, first, last)
+    try:
+        with open(f"{proc_sys}/ip_local_reserved_ports") as f:
+            reserved = reserved_in_range(f.read(), first, last)
+    except FileNotFoundError:
+        reserved = 0
+    return Limits(tw_max, first, last, reserved)

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import stat
 
 CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), Linux >= 4.11
@@ -22,8 +23,9 @@ class NetnsError(OSError):
 def label_for(path: str) -> str:
     """The netns label of a --netns path: the name for `ip netns` paths, else the path."""
     for prefix in NAMED_DIRS:
-        if path.startswith(prefix) and "/" not in path[len(prefix):]:
-            return path[len(prefix):]
+        name = path[len(prefix):]
+        if path.startswith(prefix) and name and "/" not in name:  # "" is the own namespace's label
+            return name
     return path
 
 
@@ -48,19 +50,22 @@ def entered(path: str):
     thread); sockets made meanwhile stay in it. The thread returns to its own namespace on
     exit; if it cannot, the process is in an unknown state and exits."""
     try:
-        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # Namespace files are regular files; opening anything else (a FIFO blocks, a device
+        # may act) is never what was meant.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise NetnsError(errno.EINVAL, "not a namespace file")
+        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except NetnsError:
+        raise
     except OSError as exc:
-        raise NetnsError(exc.errno, f"{path}: {exc.strerror}") from None
+        raise NetnsError(exc.errno, exc.strerror) from None
     own = None
     try:
-        try:
-            check_netns(target)
-        except NetnsError as exc:
-            raise NetnsError(exc.errno, f"{path}: {exc.strerror}") from None
+        check_netns(target)
         own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         if _libc.setns(target, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
-            raise NetnsError(err, f"{path}: setns: {os.strerror(err)}")
+            raise NetnsError(err, f"setns: {os.strerror(err)}")
         try:
             yield
         finally:

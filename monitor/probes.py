@@ -186,24 +186,6 @@ class Probes:
                 raise ProbeError("probes are not attached")
             return RawCounters(*(self._read_percpu(name) for name in self.COUNTER_MAPS))
 
-    def read_time_wait_by_remote(self) -> dict[tuple, int]:
-        """(family, address bytes, port) -> connects to that endpoint that entered TIME_WAIT."""
-        from .sockdiag import endpoint
-
-        with self._lock:
-            if self.bpf is None:
-                raise ProbeError("probes are not attached")
-            table = self.bpf[b"time_wait_by_remote"]
-            try:
-                items = list(table.items_lookup_batch())
-            except Exception:  # bcc raises bare Exception; kernels before 5.6 have no batch ops
-                items = list(table.items())
-        out: dict[tuple, int] = {}
-        for k, v in items:
-            key = endpoint(k.family, bytes(k.addr), k.port)
-            out[key] = out.get(key, 0) + (v if isinstance(v, int) else v.value)  # batch reads give ints
-        return out
-
     def read_stats(self) -> dict[str, int]:
         with self._lock:
             raw = self._read_percpu("stats")

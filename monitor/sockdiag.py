@@ -27,7 +27,10 @@ NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 # One socket: nlmsghdr (16) + struct inet_diag_msg (72), then attributes we do not ask for
 # but the kernel adds anyway (shutdown, mark, cgroup id; only the mark on minisockets).
 RECORD = 88
-OFF_FAMILY, OFF_STATE, OFF_SPORT, OFF_DPORT, OFF_DST = 16, 17, 20, 22, 40
+OFF_FAMILY, OFF_STATE, OFF_SPORT, OFF_DPORT, OFF_DST, OFF_EXPIRES = 16, 17, 20, 22, 40, 68
+# idiag_expires is a host-order u32 of milliseconds; a TIME_WAIT timer is at most 60 000, so
+# its low 16 bits are all of it. (high byte offset, low byte offset) of those 16 bits:
+EXPIRES_16 = (OFF_EXPIRES + 1, OFF_EXPIRES) if sys.byteorder == "little" else (OFF_EXPIRES + 2, OFF_EXPIRES + 3)
 
 INET_DIAG_SHUTDOWN = 8  # an attribute only full sockets carry
 NLA_TYPE_MASK = 0x3FFF
@@ -159,6 +162,8 @@ def _control(chunk: bytes, off: int) -> bool:
     n = len(chunk)
     while off + NLMSG_HDR.size <= n:
         length, kind = struct.unpack_from("=IH", chunk, off)
+        if length < NLMSG_HDR.size or off + length > n:
+            raise SockDiagError(errno.EBADMSG, f"malformed netlink message at offset {off} (length {length})")
         if kind == NLMSG_DONE:
             # A dump that failed part way ends with the negative errno in NLMSG_DONE.
             if length >= NLMSG_HDR.size + 4:
@@ -167,12 +172,12 @@ def _control(chunk: bytes, off: int) -> bool:
                     raise SockDiagError(err, f"sock_diag dump failed part way: {os.strerror(err)}")
             return True
         if kind == NLMSG_ERROR:
+            if length < NLMSG_HDR.size + 4:
+                raise SockDiagError(errno.EBADMSG, f"short NLMSG_ERROR at offset {off}")
             err = -struct.unpack_from("=i", chunk, off + NLMSG_HDR.size)[0]
             if err:
                 raise SockDiagError(err, f"sock_diag dump: {os.strerror(err)}")
             return True
-        if length < NLMSG_HDR.size:
-            raise SockDiagError(errno.EBADMSG, f"malformed netlink message at offset {off}")
         off += (length + 3) & ~3
     return False
 
@@ -208,8 +213,10 @@ _TW = _table(lambda b: b == TIME_WAIT)
 # Sockets that hold a local port for a 4-tuple of their own: not listeners, and not the
 # server side of a handshake (a request socket or SYN_RECV child uses the listener's port).
 _HOLDING = _table(lambda b: b not in (LISTEN, SYN_RECV))
-# The flag byte of an endpoint key: 1 for TIME_WAIT, 2 for any other holding state.
+# The flag byte of an endpoint key: 1 for TIME_WAIT entered within the recent window,
+# 3 for older TIME_WAIT, 2 for any other holding state.
 _KIND = bytes(1 if b == TIME_WAIT else 2 for b in range(256))
+_NOT_TO_2 = bytes(2 if b == 0 else 0 for b in range(256))  # 0x00 (not recent) -> 2
 
 
 @lru_cache(maxsize=8)
@@ -252,6 +259,11 @@ class Tally:
     # in TIME_WAIT / in any other state that holds a 4-tuple (not LISTEN, not SYN_RECV)
     remote_time_wait: Counter = field(default_factory=Counter)
     remote_other: Counter = field(default_factory=Counter)
+    # Of remote_time_wait, the sockets whose timer has at least recent_ms left: those that
+    # entered TIME_WAIT within the last (60 s - recent_ms). None: not counted.
+    recent_ms: int | None = None
+    remote_recent: Counter = field(default_factory=Counter)
+    _endpoint_keys: Counter = field(default_factory=Counter, repr=False, compare=False)
 
     def add(self, records: bytes, stride: int, mini: bool, port_range: tuple[int, int] | None) -> None:
         """Count one run of records (record i at i * stride; mini: minisockets, whose SYN_RECV
@@ -272,35 +284,21 @@ class Tally:
             self.tw_remote.update(_ports(dp_hi, dp_lo, tw))
         if port_range is None:
             return
-        flag = _and(_and(in_range_mask(sp_hi, sp_lo, *port_range), st.translate(_HOLDING)), st.translate(_KIND))
+        kind = st.translate(_KIND)
+        if self.recent_ms is not None and states.get(TIME_WAIT):
+            hi, lo = EXPIRES_16
+            recent = in_range_mask(records[hi::stride], records[lo::stride], self.recent_ms, 0xFFFF)
+            kind = _or(kind, recent.translate(_NOT_TO_2))  # TIME_WAIT: 1 if recent, else 3
+        flag = _and(_and(in_range_mask(sp_hi, sp_lo, *port_range), st.translate(_HOLDING)), kind)
         if flag.strip(b"\0"):
             self._add_remotes(records, stride, flag, dp_hi, dp_lo)
 
     def finish(self) -> "Tally":
-        """Drop the placeholder port 0 of non-TIME_WAIT records (no socket has port 0)."""
+        """Drop the placeholder port 0 of non-TIME_WAIT records (no socket has port 0), and
+        decode the endpoint keys, once per distinct key rather than once per batch."""
         self.tw_local.pop(0, None)
         self.tw_remote.pop(0, None)
-        return self
-
-    def _add_remotes(self, records, stride, flag, dp_hi, dp_lo) -> None:
-        # Key per record: flag, family, remote port, first 4 address bytes, as one 64-bit word.
-        n = len(flag)
-        fam = records[OFF_FAMILY::stride]
-        key = bytearray(8 * n)
-        key[0::8], key[1::8], key[2::8], key[3::8] = flag, fam, dp_hi, dp_lo
-        for i in range(4):
-            key[4 + i::8] = records[OFF_DST + i::stride]
-        words = array("Q", key)
-        if fam.find(socket.AF_INET6) < 0:
-            counts = Counter(words)
-        else:  # IPv6 needs the other 12 address bytes: two more words per record
-            mid, low = bytearray(8 * n), bytearray(8 * n)
-            for i in range(8):
-                mid[i::8] = records[OFF_DST + 4 + i::stride]
-            for i in range(4):
-                low[i::8] = records[OFF_DST + 12 + i::stride]
-            counts = Counter(zip(words, array("Q", mid), array("Q", low)))
-        for k, count in counts.items():
+        for k, count in self._endpoint_keys.items():
             w = k if isinstance(k, tuple) else (k, 0, 0)
             head = w[0].to_bytes(8, sys.byteorder)
             if not head[0]:
@@ -311,30 +309,61 @@ class Tally:
                 addr = head[4:8]
             else:
                 addr = head[4:8] + w[1].to_bytes(8, sys.byteorder) + w[2].to_bytes(8, sys.byteorder)[:4]
-            target = self.remote_time_wait if head[0] == 1 else self.remote_other
-            target[endpoint(family, addr, port)] += count
+            key = endpoint(family, addr, port)
+            if head[0] == 2:
+                self.remote_other[key] += count
+            else:
+                self.remote_time_wait[key] += count
+                if head[0] == 1 and self.recent_ms is not None:
+                    self.remote_recent[key] += count
+        self._endpoint_keys.clear()
+        return self
+
+    def _add_remotes(self, records, stride, flag, dp_hi, dp_lo) -> None:
+        # Key per record: flag, family, remote port, first 4 address bytes, as one 64-bit word,
+        # counted straight into _endpoint_keys at C speed.
+        n = len(flag)
+        fam = records[OFF_FAMILY::stride]
+        key = bytearray(8 * n)
+        key[0::8], key[1::8], key[2::8], key[3::8] = flag, fam, dp_hi, dp_lo
+        for i in range(4):
+            key[4 + i::8] = records[OFF_DST + i::stride]
+        words = array("Q", key)
+        if fam.find(socket.AF_INET6) < 0:
+            self._endpoint_keys.update(words)
+        else:  # IPv6 needs the other 12 address bytes: two more words per record
+            mid, low = bytearray(8 * n), bytearray(8 * n)
+            for i in range(8):
+                mid[i::8] = records[OFF_DST + 4 + i::stride]
+            for i in range(4):
+                low[i::8] = records[OFF_DST + 12 + i::stride]
+            # An IPv4 record here gets (word, 0, 0): the same key finish() gives a bare word.
+            self._endpoint_keys.update(zip(words, array("Q", mid), array("Q", low)))
 
 
 def one_walk_pays(sockstat: str) -> bool:
     """Whether to dump all states in one walk of the kernel's tables rather than minisockets and
-    full sockets apart, from /proc/net/sockstat. Each walk costs about as much as the sockets
-    it passes; one walk saves that when TIME_WAIT dominates, but interleaves the record sizes,
-    which is cheap to split only while full sockets are rare."""
+    full sockets apart, from /proc/net/sockstat (+ sockstat6). Each walk costs about as much as
+    the sockets it passes; one walk saves that when TIME_WAIT dominates, but interleaves the
+    record sizes, which is cheap to split only while full sockets are rare."""
+    inuse = tw = 0
     for line in sockstat.splitlines():
-        if line.startswith("TCP:"):
-            fields = line.split()[1:]
-            values = dict(zip(fields[::2], (int(v) for v in fields[1::2])))
-            return values.get("tw", 0) >= 64 * max(1, values.get("inuse", 0))
-    return False
+        name, _, rest = line.partition(":")
+        if name in ("TCP", "TCP6"):
+            fields = rest.split()
+            values = dict(zip(fields[::2], fields[1::2]))
+            inuse += int(values.get("inuse", 0))
+            tw += int(values.get("tw", 0))  # TCP's tw covers both families
+    return tw >= 64 * max(1, inuse)
 
 
 def poll(sock: socket.socket, port_range: tuple[int, int] | None, per_family: bool = False,
-         one_walk: bool = False) -> Tally:
+         one_walk: bool = False, recent_ms: int | None = None) -> Tally:
     """Every TCP socket of the socket's namespace by state, TIME_WAIT sockets by local and
     remote port, and sockets on a local port in port_range (the ephemeral ports) by remote
     endpoint. Both families per walk; per_family uses the newer request, a walk per family,
-    for kernels without the old one. one_walk: see one_walk_pays()."""
-    tally = Tally()
+    for kernels without the old one. one_walk: see one_walk_pays(). recent_ms: see Tally."""
+    tally = Tally(recent_ms=recent_ms)
     families = (socket.AF_INET, socket.AF_INET6) if per_family else (socket.AF_UNSPEC,)
     walks = (ALL_STATES,) if one_walk else (MINI_STATES, FULL_STATES)
     for family in families:

@@ -10,13 +10,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .forecast import PortForecast, RateWindow, forecast
-from .kstats import PROC_NET, Limits, read_kernel_counters, read_limits
+from .forecast import TIME_WAIT_SECONDS, PortForecast, forecast
+from .kstats import Limits, read_kernel_counters, read_limits, read_sockstat
 from .netns import NetnsError, entered, label_for
 from .sockdiag import SockDiagError, Tally, endpoint_label, one_walk_pays, open_socket, poll
 from .states import STATE_NAMES
 
 log = logging.getLogger(__name__)
+
+DUMP_TIMEOUT = 10.0  # seconds a dump may stall before the poll of that namespace fails
 
 # The states sock_diag reports (BOUND_INACTIVE sockets are not in the tables it walks).
 REPORTED_STATES = tuple(STATE_NAMES[n] for n in range(1, 13))
@@ -43,7 +45,7 @@ class EndpointStat:
     remote: str  # "198.18.0.2:80"
     time_wait: int  # sockets in TIME_WAIT on an ephemeral local port
     other: int  # sockets in other states on an ephemeral local port
-    entry_rate: float | None  # TIME_WAIT entries per second, None before two polls
+    entry_rate: float  # TIME_WAIT entries per second over the forecast window
     forecast: PortForecast | None
 
 
@@ -66,18 +68,17 @@ def top_ports(side: str, counts, n: int) -> list:
     return [(side, str(port), c) for port, c in top] + [(side, "other", rest)]
 
 
-def summarize(target: Target, tally: Tally, limits: Limits, kernel: dict, rates: dict | None, top_n: int,
+def summarize(target: Target, tally: Tally, limits: Limits, kernel: dict, window: float, top_n: int,
               duration: float, cpu: float, finished: float) -> NamespaceState:
-    """Turn one poll's raw tally into what the collector exports."""
+    """Turn one poll's raw tally into what the collector exports. window: the seconds of
+    TIME_WAIT entries (tally.remote_recent) behind each endpoint's rate."""
     sockets = {name: tally.states.get(num, 0) for num, name in STATE_NAMES.items() if name in REPORTED_STATES}
     ports = top_ports("local", tally.tw_local, top_n) + top_ports("remote", tally.tw_remote, top_n)
     stats = []
     for key in set(tally.remote_time_wait) | set(tally.remote_other):
         tw, other = tally.remote_time_wait.get(key, 0), tally.remote_other.get(key, 0)
-        rate = None if rates is None else rates.get(key, 0.0)
-        fc = None
-        if rate is not None and limits.ephemeral_ports > 0:
-            fc = forecast(limits.ephemeral_ports, tw, other, rate)
+        rate = tally.remote_recent.get(key, 0) / window
+        fc = forecast(limits.usable_ports, tw, other, rate) if limits.usable_ports > 0 else None
         stats.append(EndpointStat(endpoint_label(key), tw, other, rate, fc))
     stats.sort(key=lambda e: (-max(e.time_wait + e.other, e.forecast.demand if e.forecast else 0), e.remote))
     return NamespaceState(target.label, sockets, tuple(ports), limits, kernel, tuple(stats[:top_n]),
@@ -89,20 +90,21 @@ class StatePoller:
     successful poll per namespace without waiting; a namespace that fails is dropped from it
     (and logged once) until it can be polled again."""
 
-    def __init__(self, targets: list[Target], interval: float, top_n: int,
-                 time_wait_counts: Callable[[], dict] | None = None, window: float = 30.0,
+    def __init__(self, targets: list[Target], interval: float, top_n: int, window: float = 30.0,
                  clock: Callable[[], float] = time.time):
+        if not 0 < window <= TIME_WAIT_SECONDS:
+            raise ValueError(f"forecast window must be in (0, {TIME_WAIT_SECONDS:g}] seconds")
         self.targets = list(targets)
         self.interval = interval
         self.top_n = top_n
-        self._tw_counts = time_wait_counts
-        self._rates = RateWindow(window)
+        self.window = window
+        # A TIME_WAIT socket with more than this left on its timer entered within the window.
+        self._recent_ms = round((TIME_WAIT_SECONDS - window) * 1000)
         self._clock = clock
         self._results: dict[str, NamespaceState] = {}
         self._errors: dict[str, int] = {t.label: 0 for t in self.targets}
         self._failing: set[str] = set()
         self._per_family = False
-        self.rate_errors = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -131,52 +133,46 @@ class StatePoller:
             self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
 
     def poll_once(self) -> None:
-        rates = None
-        if self._tw_counts is not None:
-            try:
-                rates = self._rates.update(time.monotonic(), self._tw_counts())
-            except Exception as exc:  # the socket counts do not depend on it: poll them anyway
-                self.rate_errors += 1
-                log.warning("reading the TIME_WAIT entries per remote endpoint failed: %s; no forecast this poll", exc)
         results = {}
         for target in self.targets:
-            state = self._poll_target(target, rates)
+            state = self._poll_target(target)
             if state is not None:
                 results[target.label] = state
         self._results = results
 
-    def _poll_target(self, target: Target, rates: dict | None) -> NamespaceState | None:
+    def _poll_target(self, target: Target) -> NamespaceState | None:
         wall0, cpu0 = time.perf_counter(), time.thread_time()
         try:
             with entered(target.path) if target.path else contextlib.nullcontext():
-                sock = open_socket()  # stays in the namespace it was made in
                 limits = read_limits()
                 kernel = read_kernel_counters()
-                with open(f"{PROC_NET}/sockstat") as f:
-                    one_walk = one_walk_pays(f.read())
+                one_walk = one_walk_pays(read_sockstat())
+                sock = open_socket()  # stays in the namespace it was made in
             with sock:
+                sock.settimeout(DUMP_TIMEOUT)
                 tally = self._dump(sock, (limits.port_first, limits.port_last), one_walk)
         except (OSError, ValueError) as exc:
             self._errors[target.label] += 1
             if target.label not in self._failing:
                 self._failing.add(target.label)
                 name = f"netns {target.label!r} ({target.path})" if target.path else "own netns"
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 log.warning("%s: cannot poll sockets: %s; its series are dropped until it can be polled again",
-                            name, exc)
+                            name, why)
             return None
         if target.label in self._failing:
             self._failing.discard(target.label)
-            log.info("netns %r: polling again", target.label)
-        return summarize(target, tally, limits, kernel, rates, self.top_n,
+            log.info("%s: polling again", f"netns {target.label!r}" if target.path else "own netns")
+        return summarize(target, tally, limits, kernel, self.window, self.top_n,
                          time.perf_counter() - wall0, time.thread_time() - cpu0, self._clock())
 
     def _dump(self, sock, port_range, one_walk: bool) -> Tally:
         if not self._per_family:
             try:
-                return poll(sock, port_range, one_walk=one_walk)
+                return poll(sock, port_range, one_walk=one_walk, recent_ms=self._recent_ms)
             except SockDiagError as exc:
                 if exc.errno not in (errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP):
                     raise
                 log.info("the kernel refused the one-walk TCPDIAG_GETSOCK dump (%s); dumping per family", exc)
                 self._per_family = True
-        return poll(sock, port_range, per_family=True, one_walk=one_walk)
+        return poll(sock, port_range, per_family=True, one_walk=one_walk, recent_ms=self._recent_ms)

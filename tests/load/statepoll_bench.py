@@ -1,10 +1,11 @@
 """statepoll_bench.py: CPU and wall time of one socket-table poll with 1k, 10k and 130k TIME_WAIT sockets.
 
-Run as root (make bench-state). For each size it makes a fresh pair of network namespaces
-(198.18.0.0/15 addresses), fills the client's socket table with TIME_WAIT sockets using the
-churn generator (bounded by count and time), polls it several times the way the daemon does,
-and prints a Markdown table: median and worst CPU time (user+system of the polling thread,
-where the kernel's share of a netlink dump is spent) and wall time, plus `ss -tan` for scale.
+Run as root (make bench-state). For each case it makes a fresh pair of network namespaces
+(198.18.0.0/15 addresses; the IPv6 case uses ::1 inside the client's namespace), fills the
+client's socket table with TIME_WAIT sockets to 4 remote endpoints using the churn generator
+(bounded by count and time), polls it several times the way the daemon does, and prints a
+Markdown table: median and worst CPU time (user+system of the polling thread, where the
+kernel's share of a netlink dump is spent) and wall time, plus `ss -tan` for scale.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ sys.path.insert(0, str(ROOT))
 
 from monitor.statepoll import StatePoller, Target  # noqa: E402
 
-SIZES = (1000, 10000, 130000)
+CASES = ((1000, "IPv4"), (10000, "IPv4"), (130000, "IPv4"), (130000, "IPv6"))
 POLLS = 7
-SERVER_PORTS = (5001, 5002)
-SERVER_ADDRS = ("198.18.200.2", "198.18.200.3")
+ENDPOINTS = {"IPv4": [(a, p) for a in ("198.18.200.2", "198.18.200.3") for p in (5001, 5002)],
+             "IPv6": [("::1", p) for p in (5001, 5002, 5003, 5004)]}
 
 
 def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
@@ -45,7 +46,7 @@ def make_pair(tag: str) -> tuple[str, str]:
         sh("ip", "netns", "add", ns)
     sh("ip", "link", "add", "tb0", "netns", a, "type", "veth", "peer", "name", "tb0", "netns", b)
     sh("ip", "-n", a, "addr", "add", "198.18.200.1/24", "dev", "tb0")
-    for addr in SERVER_ADDRS:
+    for addr in ("198.18.200.2", "198.18.200.3"):
         sh("ip", "-n", b, "addr", "add", f"{addr}/24", "dev", "tb0")
     for ns in (a, b):
         sh("ip", "-n", ns, "link", "set", "lo", "up")
@@ -56,17 +57,17 @@ def make_pair(tag: str) -> tuple[str, str]:
     return a, b
 
 
-def fill(churn: str, client: str, server: str, n: int) -> int:
+def fill(churn: str, client: str, server: str, n: int, endpoints: list) -> int:
     servers = [subprocess.Popen(["ip", "netns", "exec", server, churn, "server", addr, str(port), "1"],
                                 stdout=subprocess.PIPE, text=True)
-               for addr in SERVER_ADDRS for port in SERVER_PORTS]
+               for addr, port in endpoints]
     try:
         for s in servers:
             assert s.stdout.readline().strip() == "listening"
         per = -(-n // len(servers))
         clients = [subprocess.Popen(["ip", "netns", "exec", client, churn, "client", addr, str(port), "40",
                                      str(min(per, n - i * per)), "1"], stdout=subprocess.PIPE, text=True)
-                   for i, (addr, port) in enumerate((a, p) for a in SERVER_ADDRS for p in SERVER_PORTS)]
+                   for i, (addr, port) in enumerate(endpoints)]
         for c in clients:
             c.wait(timeout=60)
     finally:
@@ -87,7 +88,7 @@ def measure(client: str) -> dict:
         cpu.append(r.cpu_seconds * 1e3)
         wall.append(r.duration_seconds * 1e3)
     t0 = time.perf_counter()
-    ss_lines = len(sh("ip", "netns", "exec", client, "ss", "-Htan").stdout.splitlines())
+    ss_lines = len(sh("ip", "netns", "exec", client, "ss", "-Htan", "state", "time-wait").stdout.splitlines())
     ss_ms = (time.perf_counter() - t0) * 1e3
     return {"time_wait": r.sockets["TIME_WAIT"], "ss": ss_lines, "cpu_med": statistics.median(cpu),
             "cpu_max": max(cpu), "wall_med": statistics.median(wall), "wall_max": max(wall), "ss_ms": ss_ms}
@@ -100,23 +101,26 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         churn = build_churn(tmp)
-        for n in SIZES:
-            client, server = make_pair(str(n))
+        for n, family in CASES:
+            client, server = make_pair(f"{n}{family[-1]}")
             try:
-                made = fill(churn, client, server, n)
+                # IPv6 stays on loopback: the server runs in the client's namespace.
+                made = fill(churn, client, server if family == "IPv4" else client, n, ENDPOINTS[family])
                 m = measure(client)
-                m["target"], m["made"] = n, made
+                m["target"], m["made"], m["family"] = n, made, family
                 rows.append(m)
                 print(f"{n}: {m}", file=sys.stderr)
             finally:
                 for ns in (client, server):
                     subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     print(f"Socket-table poll, {POLLS} polls per size, {os.cpu_count()} CPUs, kernel {os.uname().release}\n")
-    print("| TIME_WAIT sockets | poll CPU median (ms) | poll CPU max (ms) | poll wall median (ms) | `ss -tan` wall (ms) |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| TIME_WAIT sockets | family | poll CPU median (ms) | poll CPU max (ms) | poll wall median (ms) "
+          "| poll wall max (ms) | `ss -tan` wall (ms) |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for m in rows:
         assert m["time_wait"] == m["ss"], m  # the poll and ss agree
-        print(f"| {m['time_wait']} | {m['cpu_med']:.1f} | {m['cpu_max']:.1f} | {m['wall_med']:.1f} | {m['ss_ms']:.0f} |")
+        print(f"| {m['time_wait']} | {m['family']} | {m['cpu_med']:.1f} | {m['cpu_max']:.1f} | {m['wall_med']:.1f} "
+              f"| {m['wall_max']:.1f} | {m['ss_ms']:.0f} |")
     return 0
 
 

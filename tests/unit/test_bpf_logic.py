@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from monitor import events
-from monitor.events import C, Endpoint, Event, SockInfo, bpf_dir
+from monitor.events import C, Event, SockInfo, bpf_dir
 
 HARNESS = textwrap.dedent("""
     #include <stddef.h>
@@ -35,8 +35,6 @@ HARNESS = textwrap.dedent("""
         O(tcpstate_sock, close_delta_us);
         O(tcpstate_sock, pid); O(tcpstate_sock, state); O(tcpstate_sock, prev_state);
         O(tcpstate_sock, flags); O(tcpstate_sock, comm);
-        printf("sizeof.tcpstate_endpoint %zu\\n", sizeof(struct tcpstate_endpoint));
-        O(tcpstate_endpoint, addr); O(tcpstate_endpoint, port); O(tcpstate_endpoint, family);
         printf("const.TCPSTATE_NRESETS %d\\n", TCPSTATE_NRESETS);
         printf("const.TCPSTATE_NTRANSITIONS %d\\n", TCPSTATE_NTRANSITIONS);
         printf("const.TCPSTATE_HIST_STRIDE %d\\n", TCPSTATE_HIST_STRIDE);
@@ -85,12 +83,6 @@ def test_sock_struct_matches_header(c_layout):
         if name == "pad":
             continue
         assert (getattr(SockInfo, name).offset, getattr(SockInfo, name).size) == c_layout[f"tcpstate_sock.{name}"], name
-
-
-def test_endpoint_struct_matches_header(c_layout):
-    assert ctypes.sizeof(Endpoint) == c_layout["sizeof.tcpstate_endpoint"][0]
-    for name, *_ in Endpoint._fields_:
-        assert (getattr(Endpoint, name).offset, getattr(Endpoint, name).size) == c_layout[f"tcpstate_endpoint.{name}"]
 
 
 def test_python_reads_the_same_constants(c_layout):

@@ -74,3 +74,20 @@ def test_listen_port_in_use_is_one_clear_line(monkeypatch):
     line = res.stderr.strip().splitlines()[-1]
     assert line.startswith(f"tcpstate: error: cannot listen on 127.0.0.1:{port}") and "in use" in line
     assert "Traceback" not in res.stderr
+
+
+def test_two_netns_paths_with_one_label_exit_2():
+    res = invoke("run", "--netns", "/run/netns/blue", "--netns", "/var/run/netns/blue")
+    assert res.exit_code == 2
+    assert res.stderr.count("\n") == 1 and "--netns" in res.stderr and "'blue' twice" in res.stderr
+
+
+def test_netns_env_is_colon_separated():
+    res = CliRunner().invoke(cli, ["run"], env={"TCPSTATE_NETNS": "/run/netns/blue:/var/run/netns/blue"})
+    assert res.exit_code == 2 and "'blue' twice" in res.stderr  # split into two paths
+
+
+@pytest.mark.parametrize("value", ["0", "61"])
+def test_forecast_window_is_within_the_time_wait_lifetime(value):
+    res = invoke("run", "--forecast-window", value)
+    assert res.exit_code == 2 and "--forecast-window" in res.stderr

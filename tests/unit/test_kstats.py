@@ -1,8 +1,11 @@
 """The kernel's TCP counters and socket sysctls, parsed from recorded /proc text and read from this machine."""
 
+import os
+
 import pytest
 
-from monitor.kstats import KERNEL_COUNTERS, Limits, parse_snmp, read_kernel_counters, read_limits
+from monitor.kstats import (KERNEL_COUNTERS, Limits, parse_snmp, read_kernel_counters, read_limits, read_sockstat,
+                            reserved_in_range)
 
 # Excerpts in the kernel's layout (6.x): per group a header line of names, then a value line.
 # The TcpExt lines are cut down to the counters used here plus neighbours, in the kernel's order.
@@ -89,17 +92,100 @@ def test_counter_missing_from_the_kernel_is_omitted(tmp_path):
     assert got == {k: v for k, v in EXPECTED.items() if k not in ("time_wait_reused", "abort_on_linger")}
 
 
+def write_proc_sys(path, reserved=None):
+    (path / "tcp_max_tw_buckets").write_text("131072\n")
+    (path / "ip_local_port_range").write_text("32768\t60999\n")
+    if reserved is not None:
+        (path / "ip_local_reserved_ports").write_text(reserved)
+    return str(path)
+
+
 def test_limits_from_files(tmp_path):
-    (tmp_path / "tcp_max_tw_buckets").write_text("131072\n")
-    (tmp_path / "ip_local_port_range").write_text("32768\t60999\n")
-    limits = read_limits(str(tmp_path))
-    assert limits == Limits(131072, 32768, 60999)
+    # A kernel without ip_local_reserved_ports: nothing reserved.
+    limits = read_limits(write_proc_sys(tmp_path))
+    assert limits == Limits(131072, 32768, 60999, reserved=0)
+    assert limits.ephemeral_ports == limits.usable_ports == 28232
+
+
+@pytest.mark.parametrize("text", ["\n", ""])
+def test_limits_with_no_ports_reserved(tmp_path, text):
+    # The kernel writes an empty list as a lone newline.
+    limits = read_limits(write_proc_sys(tmp_path, text))
+    assert limits == Limits(131072, 32768, 60999, reserved=0)
+    assert limits.usable_ports == 28232
+
+
+def test_limits_with_reserved_ports(tmp_path):
+    # In the range 32768..60999: 50000 and 40000..40009; 8080 and 61000..61005 are outside it,
+    # and 60995..61005 is cut at 60999 (5 ports).
+    limits = read_limits(write_proc_sys(tmp_path, "8080,40000-40009,50000,60995-61005\n"))
+    assert limits == Limits(131072, 32768, 60999, reserved=16)
     assert limits.ephemeral_ports == 28232
+    assert limits.usable_ports == 28232 - 16
+
+
+def test_unreadable_reserved_ports_fail_the_read(tmp_path):
+    # A garbled list is an error, not "nothing reserved".
+    with pytest.raises(ValueError):
+        read_limits(write_proc_sys(tmp_path, "8080,x\n"))
+
+
+@pytest.mark.parametrize("text, first, last, want", [
+    ("", 32768, 60999, 0),
+    ("\n", 32768, 60999, 0),
+    ("8080\n", 32768, 60999, 0),  # below the range
+    ("61000-62000\n", 32768, 60999, 0),  # above it
+    ("1-32767,61000-65535", 32768, 60999, 0),  # right up to both edges, not in
+    ("32768", 32768, 60999, 1),  # on the edges
+    ("60999", 32768, 60999, 1),
+    ("32760-32770", 32768, 60999, 3),  # overlapping the first edge: 32768..32770
+    ("60990-61010", 32768, 60999, 10),  # overlapping the last edge: 60990..60999
+    ("1-65535", 32768, 60999, 28232),  # covering the range
+    ("40000-40009,40005-40014", 32768, 60999, 15),  # overlapping each other: counted once
+    ("40000,40000,40000-40001", 32768, 60999, 2),  # duplicates
+    ("40000-40009,50000,8080\n", 40005, 40005, 1),  # a one-port range
+    ("40000-40009", 40100, 40000, 0),  # an empty (inverted) range
+])
+def test_reserved_in_range(text, first, last, want):
+    assert reserved_in_range(text, first, last) == want
 
 
 def test_inverted_port_range_has_no_ports():
     assert Limits(1, 61000, 60999).ephemeral_ports == 0
+    assert Limits(1, 61000, 60999).usable_ports == 0
     assert Limits(1, 5000, 5000).ephemeral_ports == 1
+
+
+def test_usable_ports():
+    assert Limits(1, 40000, 40099).usable_ports == 100
+    assert Limits(1, 40000, 40099, reserved=20).usable_ports == 80
+    assert Limits(1, 40000, 40099, reserved=20).ephemeral_ports == 100
+    assert Limits(1, 40000, 40099, reserved=100).usable_ports == 0
+    assert Limits(1, 40000, 40099, reserved=150).usable_ports == 0  # never negative
+
+
+SOCKSTAT = "sockets: used 300\nTCP: inuse 5 orphan 0 tw 320 alloc 12 mem 3\nUDP: inuse 1 mem 0\n"
+SOCKSTAT6 = "TCP6: inuse 2\nUDP6: inuse 2\nUDPLITE6: inuse 0\nRAW6: inuse 1\nFRAG6: inuse 0 memory 0\n"
+
+
+def test_read_sockstat_joins_both_files(tmp_path):
+    (tmp_path / "sockstat").write_text(SOCKSTAT)
+    (tmp_path / "sockstat6").write_text(SOCKSTAT6)
+    text = read_sockstat(str(tmp_path))
+    assert text == SOCKSTAT + SOCKSTAT6
+    assert "TCP6: inuse 2" in text.splitlines()
+
+
+def test_read_sockstat_without_ipv6(tmp_path):
+    (tmp_path / "sockstat").write_text(SOCKSTAT)
+    assert read_sockstat(str(tmp_path)) == SOCKSTAT
+
+
+def test_read_sockstat_needs_sockstat(tmp_path):
+    # Every network namespace has /proc/net/sockstat; only sockstat6 is missing without IPv6.
+    (tmp_path / "sockstat6").write_text(SOCKSTAT6)
+    with pytest.raises(FileNotFoundError):
+        read_sockstat(str(tmp_path))
 
 
 def test_this_machine():
@@ -111,5 +197,12 @@ def test_this_machine():
         first, last = map(int, f.read().split())
     with open("/proc/sys/net/ipv4/tcp_max_tw_buckets") as f:
         tw_max = int(f.read())
-    assert limits == Limits(tw_max, first, last)
+    with open("/proc/sys/net/ipv4/ip_local_reserved_ports") as f:
+        reserved = {p for part in f.read().strip().split(",") if part
+                    for lo, _, hi in [part.partition("-")] for p in range(int(lo), int(hi or lo) + 1)}
+    assert limits == Limits(tw_max, first, last, len({p for p in reserved if first <= p <= last}))
     assert limits.ephemeral_ports == last - first + 1
+    text = read_sockstat()
+    assert text.startswith("sockets:") and "\nTCP: inuse " in text
+    if os.path.exists("/proc/net/sockstat6"):
+        assert "\nTCP6: inuse " in text

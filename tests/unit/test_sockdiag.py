@@ -47,26 +47,28 @@ assert {k: 88 + len(v) for k, v in ATTRS.items()} == {k: k for k in ATTRS}
 MINI_SIZES, FULL_SIZES = (88, 96), (104, 116, 124, 132)
 
 
-def record(family, state, sport, dport, dst, size=None, kind=sockdiag.SOCK_DIAG_BY_FAMILY, src=bytes(16)):
+def record(family, state, sport, dport, dst, size=None, kind=sockdiag.SOCK_DIAG_BY_FAMILY, src=bytes(16),
+           expires=0):
     """nlmsghdr + struct inet_diag_msg + attributes: ports big-endian, the rest host order.
-    The size picks the attributes, and so whether the record is a full socket."""
+    The size picks the attributes, and so whether the record is a full socket. expires: the
+    u32 idiag_expires, milliseconds left on the socket's timer."""
     if size is None:
         size = 96 if state in (TIME_WAIT, SYN_RECV) else 124
     msg = (struct.pack("=BBBB", family, state, 0, 0) + struct.pack("!HH", sport, dport)
            + src.ljust(16, b"\0") + dst.ljust(16, b"\0")
            + struct.pack("=I", 0) + struct.pack("=Q", 0xC00C1E)  # if, cookie
-           + struct.pack("=IIIII", 0, 0, 0, 0, 0))  # expires, rqueue, wqueue, uid, inode
+           + struct.pack("=IIIII", expires, 0, 0, 0, 0))  # expires, rqueue, wqueue, uid, inode
     assert len(msg) == 72
     body = msg + ATTRS[size]
     return HDR.pack(HDR.size + len(body), kind, NLM_F_MULTI, 1, 0) + body
 
 
-def mini(family, state, sport, dport, dst, size=96):
-    return record(family, state, sport, dport, dst, size)
+def mini(family, state, sport, dport, dst, size=96, expires=0):
+    return record(family, state, sport, dport, dst, size, expires=expires)
 
 
-def full(family, state, sport, dport, dst, size=124):
-    return record(family, state, sport, dport, dst, size)
+def full(family, state, sport, dport, dst, size=124, expires=0):
+    return record(family, state, sport, dport, dst, size, expires=expires)
 
 
 def done(errno_value=0):
@@ -98,15 +100,16 @@ def parse(chunk):
         length, kind = struct.unpack_from("=IH", chunk, off)
         if kind in (18, 20):
             sport, dport = struct.unpack_from("!HH", chunk, off + 20)
+            (expires,) = struct.unpack_from("=I", chunk, off + 68)
             out.append(dict(family=chunk[off + 16], state=chunk[off + 17], sport=sport, dport=dport,
-                            dst=chunk[off + 40:off + 56], full=has_shutdown(chunk, off, length)))
+                            dst=chunk[off + 40:off + 56], expires=expires, full=has_shutdown(chunk, off, length)))
         off += (length + 3) & ~3
     return out
 
 
-def reference(records, port_range):
+def reference(records, port_range, recent_ms=None):
     """What Tally must compute, written the obvious way."""
-    ref = Tally()
+    ref = Tally(recent_ms=recent_ms)
     for r in records:
         state = r["state"]
         if 1 <= state <= 12:
@@ -121,12 +124,16 @@ def reference(records, port_range):
             continue
         key = endpoint(r["family"], r["dst"], r["dport"])
         (ref.remote_time_wait if state == TIME_WAIT else ref.remote_other)[key] += 1
+        # A TIME_WAIT timer starts at 60 000 ms: at least recent_ms left means it entered
+        # within the last 60 s - recent_ms. Other states' timers mean something else.
+        if state == TIME_WAIT and recent_ms is not None and r["expires"] >= recent_ms:
+            ref.remote_recent[key] += 1
     return ref
 
 
-def tally_of(chunks, port_range):
+def tally_of(chunks, port_range, recent_ms=None):
     """What poll() does with the datagrams of a dump."""
-    t = Tally()
+    t = Tally(recent_ms=recent_ms)
     for chunk in chunks:
         runs, _ = split_records(chunk)
         for records, stride, is_full in runs:
@@ -136,7 +143,7 @@ def tally_of(chunks, port_range):
 
 def assert_same(got, want):
     # Counters compare equal ignoring zero entries; compare the positive counts.
-    for name in ("states", "tw_local", "tw_remote", "remote_time_wait", "remote_other"):
+    for name in ("states", "tw_local", "tw_remote", "remote_time_wait", "remote_other", "remote_recent"):
         g, w = getattr(got, name), getattr(want, name)
         assert +g == +w, name
         assert all(v > 0 for v in g.values()), name
@@ -153,6 +160,9 @@ V4 = [bytes([198, 18, 0, i]) for i in range(1, 5)] + [bytes([10, 0, 0, 1])]
 V6 = [socket.inet_pton(AF_INET6, a) for a in ("2001:db8::1", "2001:db8::2", "fe80::1:2:3:4", "::1")]
 MAPPED = [bytes(10) + b"\xff\xff" + a for a in V4[:3]]  # the same peers reached over dual-stack sockets
 RANGES = [(40000, 40100), (1024, 65535), (32768, 60999), (40000, 40000), (255, 256), (0x1200, 0x12FF)]
+# recent_ms = (60 s - window) in ms, for windows of 30 s, 60 s, 1 ms, 0.5 s; thresholds on and
+# off a byte boundary (the comparison runs on the high and low bytes apart); None: not counted.
+RECENT = [30000, 0, 59999, 59500, 255, 256, 0x1234, 0x12FF, None]
 
 
 def sport_for(rng, port_range):
@@ -165,8 +175,23 @@ def sport_for(rng, port_range):
     return min(max(p, 1), 65535)
 
 
+def expires_for(rng, state, recent_ms):
+    """idiag_expires probing the recent threshold: for TIME_WAIT (at most 60 000 ms) exactly
+    at it, one below and one above, its byte split, and anywhere; for other states, timers
+    longer than any TIME_WAIT (keepalive, a SYN-ACK retry) whose low 16 bits are at or above
+    the threshold too, which must still not count as recent TIME_WAIT entries."""
+    thr = 30000 if recent_ms is None else recent_ms
+    if state == TIME_WAIT:
+        edges = [thr - 1, thr, thr + 1, 0, 60000, (thr & 0xFF00) | rng.randrange(256),
+                 ((thr & 0xFF00) + 0x100) | rng.randrange(256), ((thr & 0xFF00) - 0x100) | rng.randrange(256),
+                 rng.randint(0, 60000)]
+        e = rng.choice(edges) if rng.random() < 0.7 else rng.randint(0, 60000)
+        return min(max(e, 0), 60000)
+    return rng.choice([0, thr, 60000, 0xFFFF, 0x10000 + thr, 7_200_000, rng.randint(thr, 2**32 - 1)])
+
+
 def random_records(rng, n, walk, port_range, families="mixed", mini_sizes=(96,), full_sizes=(124,),
-                   garbage=False):
+                   garbage=False, recent_ms=None):
     """walk: "mini" (TIME_WAIT and request sockets), "full", or "one" (all interleaved)."""
     out = []
     for _ in range(n):
@@ -185,7 +210,8 @@ def random_records(rng, n, walk, port_range, families="mixed", mini_sizes=(96,),
         else:
             state, size = rng.choice(FULL), rng.choice(full_sizes)
         dport = 0 if state == LISTEN else rng.choice([80, 443, 5432, 8080, rng.randint(1, 65535)])
-        out.append(record(family, state, sport_for(rng, port_range), dport, dst, size))
+        out.append(record(family, state, sport_for(rng, port_range), dport, dst, size,
+                          expires=expires_for(rng, state, recent_ms)))
     return out
 
 
@@ -204,10 +230,14 @@ def datagrams(rng, records, end=True):
     return out
 
 
-def check(chunks, port_range):
-    ref = reference([r for c in chunks for r in parse(c)], port_range)
+def check(chunks, port_range, recent_ms=None):
+    ref = reference([r for c in chunks for r in parse(c)], port_range, recent_ms)
     assert sum(run_count(c) for c in chunks) == sum(len(parse(c)) for c in chunks)  # none lost
-    assert_same(tally_of(chunks, port_range), ref)
+    got = tally_of(chunks, port_range, recent_ms)
+    assert_same(got, ref)
+    if recent_ms is None:
+        assert not got.remote_recent
+    return got
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -215,7 +245,8 @@ def check(chunks, port_range):
 def test_uniform_records_match_reference(seed, walk):
     rng = random.Random(seed)
     port_range = RANGES[seed % len(RANGES)]
-    recs = random_records(rng, rng.randint(1, 400), walk, port_range)
+    recent_ms = RECENT[seed % len(RECENT)]
+    recs = random_records(rng, rng.randint(1, 400), walk, port_range, recent_ms=recent_ms)
     chunks = datagrams(rng, recs)
     for chunk in chunks:  # a datagram of one record size of MIN_RUN or more is one run, uncut
         n = len(parse(chunk))
@@ -223,7 +254,7 @@ def test_uniform_records_match_reference(seed, walk):
         if n >= sockdiag.MIN_RUN:
             size = 96 if walk == "mini" else 124
             assert [(len(r), s, f) for r, s, f in runs] == [(n * size, size, walk == "full")]
-    check(chunks, port_range)
+    check(chunks, port_range, recent_ms)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -231,9 +262,10 @@ def test_uniform_records_match_reference(seed, walk):
 def test_mixed_sizes_match_reference(seed, walk):
     rng = random.Random(1000 + seed)
     port_range = RANGES[seed % len(RANGES)]
+    recent_ms = RECENT[seed % len(RECENT)]
     recs = random_records(rng, rng.randint(2, 400), walk, port_range, mini_sizes=MINI_SIZES,
-                          full_sizes=FULL_SIZES)
-    check(datagrams(rng, recs), port_range)
+                          full_sizes=FULL_SIZES, recent_ms=recent_ms)
+    check(datagrams(rng, recs), port_range, recent_ms)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -242,13 +274,24 @@ def test_one_walk_runs_match_reference(seed):
     # one-walk dump of a host dominated by TIME_WAIT sends: runs and cut records together.
     rng = random.Random(2000 + seed)
     port_range = RANGES[seed % len(RANGES)]
+    recent_ms = RECENT[seed % len(RECENT)]
     recs = []
     while len(recs) < 600:
         recs += random_records(rng, rng.choice([1, 2, 3, 4, 5, 40]), rng.choice(["mini", "full"]), port_range,
-                               mini_sizes=(rng.choice(MINI_SIZES),), full_sizes=(rng.choice(FULL_SIZES),))
+                               mini_sizes=(rng.choice(MINI_SIZES),), full_sizes=(rng.choice(FULL_SIZES),),
+                               recent_ms=recent_ms)
     chunks = datagrams(rng, recs)
     assert any(s != 88 for c in chunks for _, s, _ in split_records(c)[0])  # some runs uncut
-    check(chunks, port_range)
+    got = check(chunks, port_range, recent_ms)
+    if recent_ms:
+        # The records did probe the threshold: TIME_WAIT on an ephemeral port exactly at it and
+        # one below, and other holding sockets with longer timers; some counted, some not.
+        first, last = port_range
+        counted = [r for c in chunks for r in parse(c) if first <= r["sport"] <= last]
+        tw = {r["expires"] for r in counted if r["state"] == TIME_WAIT}
+        assert {recent_ms, recent_ms - 1} <= tw
+        assert any(r["expires"] >= recent_ms for r in counted if r["state"] not in (TIME_WAIT, LISTEN, SYN_RECV))
+        assert 0 < sum(got.remote_recent.values()) < sum(got.remote_time_wait.values())
 
 
 @pytest.mark.parametrize("families", ["v4", "v6", "mapped", "mixed"])
@@ -256,8 +299,10 @@ def test_one_walk_runs_match_reference(seed):
 def test_families_and_ranges_match_reference(families, port_range):
     rng = random.Random(f"{families} {port_range}")  # str seeds are stable across runs
     for walk in ("mini", "full", "one"):
-        recs = random_records(rng, 300, walk, port_range, families=families, garbage=True)
-        check(datagrams(rng, recs), port_range)
+        for recent_ms in (None, 30000, rng.choice(RECENT[1:-1])):
+            recs = random_records(rng, 300, walk, port_range, families=families, garbage=True,
+                                  recent_ms=recent_ms)
+            check(datagrams(rng, recs), port_range, recent_ms)
 
 
 @pytest.mark.parametrize("port_range", RANGES)
@@ -280,6 +325,70 @@ def test_request_sockets_are_new_syn_recv():
     # Neither kind of SYN_RECV holds an ephemeral port: they share the listener's.
     assert t.remote_time_wait == Counter({(AF_INET, V4[0], 80): 1})
     assert t.remote_other == Counter({(AF_INET, V4[0], 80): 1})
+
+
+@pytest.mark.parametrize("recent_ms", [30000, 0x1200, 255, 1])
+@pytest.mark.parametrize("copies", [1, 4])  # cut record by record, and runs
+def test_recent_threshold_exactly(recent_ms, copies):
+    # TIME_WAIT with at least recent_ms left on its timer entered within the window: the one
+    # exactly at the threshold counts, the one a millisecond below does not. Other states'
+    # timers (keepalive, retransmits) run longer than any TIME_WAIT, or have the same low 16
+    # bits as a recent one: they are never recent. Off the ephemeral range nothing counts.
+    web, db = (AF_INET, V4[0], 80), (AF_INET, V4[1], 5432)
+    recs = [mini(AF_INET, TIME_WAIT, 40000, 80, V4[0], expires=e)
+            for e in (recent_ms - 1, recent_ms, recent_ms + 1, 60000, 0)]
+    recs += [full(AF_INET, state, 40001, 5432, V4[1], expires=e)
+             for state, e in ((ESTABLISHED, recent_ms), (ESTABLISHED, 7_200_000), (FIN_WAIT1, 0x10000 + recent_ms),
+                              (CLOSE_WAIT, 60000))]
+    recs += [mini(AF_INET, SYN_RECV, 40002, 80, V4[0], expires=60000),  # a request socket: the listener's port
+             mini(AF_INET, TIME_WAIT, 39999, 80, V4[0], expires=60000)]  # off the range
+    chunk = b"".join(r for r in recs for _ in range(copies)) + done()
+    t = tally_of([chunk], (40000, 40100), recent_ms)
+    assert t.remote_time_wait == Counter({web: 5 * copies})
+    assert t.remote_recent == Counter({web: 3 * copies})
+    assert t.remote_other == Counter({db: 4 * copies})
+    assert +t.states == {TIME_WAIT: 6 * copies, ESTABLISHED: 2 * copies, FIN_WAIT1: copies, CLOSE_WAIT: copies,
+                         NEW_SYN_RECV: copies}
+    # Without a threshold nothing is recent, and nothing else changes.
+    t = tally_of([chunk], (40000, 40100))
+    assert t.remote_recent == Counter() and t.remote_time_wait == Counter({web: 5 * copies})
+
+
+def test_recent_needs_the_port_range():
+    # Without a port range there are no endpoints, so no recent ones either.
+    recs = [mini(AF_INET, TIME_WAIT, 40000, 80, V4[0], expires=60000)] * 5
+    t = tally_of([b"".join(recs) + done()], None, 30000)
+    assert t.tw_local == Counter({40000: 5}) and not t.remote_time_wait and not t.remote_recent
+
+
+class FakeDiagSocket:
+    """Answers each dump request with the next reply (a list of datagrams)."""
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.requests = []
+        self.pending = []
+
+    def send(self, req):
+        self.requests.append(req)
+        self.pending = list(self.replies.pop(0))
+        return len(req)
+
+    def recv(self, bufsize):
+        return self.pending.pop(0)
+
+
+@pytest.mark.parametrize("kw, walks", [({}, 2), ({"one_walk": True}, 1), ({"per_family": True}, 4)])
+def test_poll_passes_recent_ms_to_every_walk(kw, walks):
+    web = (AF_INET, V4[0], 80)
+    tw = b"".join(mini(AF_INET, TIME_WAIT, 40000 + i, 80, V4[0], expires=e)
+                  for i, e in enumerate((29999, 30000, 45000, 1000, 60000)))
+    replies = [[tw, done()] for _ in range(walks)]
+    t = sockdiag.poll(FakeDiagSocket(replies), (40000, 40100), recent_ms=30000, **kw)
+    assert t.remote_time_wait == Counter({web: 5 * walks})
+    assert t.remote_recent == Counter({web: 3 * walks})
+    t = sockdiag.poll(FakeDiagSocket(replies), (40000, 40100), **kw)
+    assert t.recent_ms is None and t.remote_recent == Counter()
 
 
 def test_v4_mapped_and_v4_share_a_key():
@@ -455,12 +564,34 @@ def test_the_two_walks_cover_every_state_once():
     assert sockdiag.MINI_STATES == 1 << TIME_WAIT | 1 << NEW_SYN_RECV | 1 << SYN_RECV
 
 
+SOCKSTAT = ("sockets: used 300\nTCP: inuse {} orphan 0 tw {} alloc 12 mem 3\nUDP: inuse 1 mem 0\n"
+            "UDPLITE: inuse 0\nRAW: inuse 0\nFRAG: inuse 0 memory 0\n")
+# sockstat6 has no tw: TCP's tw in sockstat counts both families' TIME_WAIT sockets.
+SOCKSTAT6 = "TCP6: inuse {}\nUDP6: inuse 2\nUDPLITE6: inuse 0\nRAW6: inuse 1\nFRAG6: inuse 0 memory 0\n"
+
+
 def test_one_walk_pays_when_time_wait_dominates():
-    line = "sockets: used 300\nTCP: inuse {} orphan 0 tw {} alloc 12 mem 3\nUDP: inuse 1 mem 0\n"
-    assert sockdiag.one_walk_pays(line.format(5, 320))
-    assert not sockdiag.one_walk_pays(line.format(5, 319))
-    assert sockdiag.one_walk_pays(line.format(0, 64))  # no full sockets at all
+    assert sockdiag.one_walk_pays(SOCKSTAT.format(5, 320))
+    assert not sockdiag.one_walk_pays(SOCKSTAT.format(5, 319))
+    assert sockdiag.one_walk_pays(SOCKSTAT.format(0, 64))  # no full sockets at all
+    assert not sockdiag.one_walk_pays(SOCKSTAT.format(0, 63))
     assert not sockdiag.one_walk_pays("UDP: inuse 1 mem 0\n")
+    assert not sockdiag.one_walk_pays("")
+
+
+def test_one_walk_pays_counts_ipv6_sockets_in_use():
+    # inuse: 3 IPv4 + 2 IPv6 full sockets, so TIME_WAIT must reach 64 * 5 = 320.
+    assert sockdiag.one_walk_pays(SOCKSTAT.format(3, 320) + SOCKSTAT6.format(2))
+    assert not sockdiag.one_walk_pays(SOCKSTAT.format(3, 319) + SOCKSTAT6.format(2))
+    # The same IPv4 numbers pay on their own (192 >= 64 * 3), not with IPv6 sockets added.
+    assert sockdiag.one_walk_pays(SOCKSTAT.format(3, 192))
+    assert not sockdiag.one_walk_pays(SOCKSTAT.format(3, 192) + SOCKSTAT6.format(2))
+    # Only IPv6 sockets in use: they alone set the bar; UDP6 and UDPLITE6 are not TCP6.
+    assert sockdiag.one_walk_pays(SOCKSTAT.format(0, 128) + SOCKSTAT6.format(2))
+    assert not sockdiag.one_walk_pays(SOCKSTAT.format(0, 127) + SOCKSTAT6.format(2))
+    # sockstat6 first (the order does not matter), and sockstat6 alone has no TIME_WAIT.
+    assert sockdiag.one_walk_pays(SOCKSTAT6.format(2) + SOCKSTAT.format(3, 320))
+    assert not sockdiag.one_walk_pays(SOCKSTAT6.format(0))
 
 
 # --- endpoints ----------------------------------------------------------------------------------
@@ -537,3 +668,13 @@ def test_done_with_an_error_raises():
     assert exc.value.errno == errno.ENOBUFS
     ok = struct.pack("=IHHIIi", 20, sockdiag.NLMSG_DONE, 2, 1, 0, 0)
     assert sockdiag.split_records(ok) == ([], True)
+
+
+@pytest.mark.parametrize("msg", [
+    struct.pack("=IHHII", 16, sockdiag.NLMSG_ERROR, 0, 1, 0),  # NLMSG_ERROR without its errno
+    struct.pack("=IHHIIi", 40, sockdiag.NLMSG_DONE, 2, 1, 0, 0),  # longer than the datagram
+])
+def test_malformed_control_messages_raise(msg):
+    with pytest.raises(SockDiagError) as exc:
+        split_records(msg)
+    assert exc.value.errno == errno.EBADMSG
