@@ -40,10 +40,6 @@ def check_netns(fd: int) -> int:
     return os.fstat(fd).st_ino
 
 
-def own_namespace_inode() -> int:
-    return os.stat("/proc/thread-self/ns/net").st_ino
-
-
 @contextlib.contextmanager
 def entered(path: str):
     """Run the body in the namespace at path, in this thread only (network namespaces are per

@@ -148,9 +148,9 @@ def split_records(chunk: bytes) -> tuple[list, bool]:
             # Same size, same kind: the attributes that tell them apart are what sets the size.
             runs.append((chunk[off:off + k * stride], stride, full))
             off += k * stride
-        else:
-            cut[full].append(chunk[off:off + RECORD])
-            off += stride
+        else:  # the k records share a size, so a kind: cut them all now
+            cut[full].extend(chunk[o:o + RECORD] for o in range(off, off + k * stride, stride))
+            off += k * stride
     for full, parts in cut.items():
         if parts:
             runs.append((b"".join(parts), RECORD, full))

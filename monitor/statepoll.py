@@ -12,8 +12,9 @@ from typing import Callable
 
 from .forecast import TIME_WAIT_SECONDS, PortForecast, forecast
 from .kstats import Limits, read_kernel_counters, read_limits, read_sockstat
-from .netns import NetnsError, entered, label_for
+from .netns import entered, label_for
 from .sockdiag import SockDiagError, Tally, endpoint_label, one_walk_pays, open_socket, poll
+from .states import NUMBERS as STATE_NUMBERS
 from .states import STATE_NAMES
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def summarize(target: Target, tally: Tally, limits: Limits, kernel: dict, window
               duration: float, cpu: float, finished: float) -> NamespaceState:
     """Turn one poll's raw tally into what the collector exports. window: the seconds of
     TIME_WAIT entries (tally.remote_recent) behind each endpoint's rate."""
-    sockets = {name: tally.states.get(num, 0) for num, name in STATE_NAMES.items() if name in REPORTED_STATES}
+    sockets = {name: tally.states.get(STATE_NUMBERS[name], 0) for name in REPORTED_STATES}
     ports = top_ports("local", tally.tw_local, top_n) + top_ports("remote", tally.tw_remote, top_n)
     stats = []
     for key in set(tally.remote_time_wait) | set(tally.remote_other):

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import socket
 import subprocess
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
+from monitor.netns import entered
 
 
 def ip(*args: str) -> None:
@@ -24,17 +21,9 @@ def ns_exec(ns: str, *cmd: str) -> str:
     return subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, capture_output=True, text=True).stdout
 
 
-@contextlib.contextmanager
 def in_netns(name: str):
-    """Switch this thread into a namespace; sockets made meanwhile stay in it."""
-    with open("/proc/thread-self/ns/net") as own, open(f"/var/run/netns/{name}") as target:
-        if _libc.setns(target.fileno(), CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns({name})")
-        try:
-            yield
-        finally:
-            if _libc.setns(own.fileno(), CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
+    """Switch this thread into a namespace; sockets made meanwhile stay in it (the daemon's own helper)."""
+    return entered(netns_path(name))
 
 
 def socket_in(ns: str, family: int = socket.AF_INET) -> socket.socket:

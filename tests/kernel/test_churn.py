@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from .netns import ip
 
 SRC = Path(__file__).resolve().parent.parent / "load" / "churn.c"
 SECONDS = 3
