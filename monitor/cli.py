@@ -157,7 +157,8 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, s
     Serves / (a landing page), /metrics, /-/healthy, and /-/ready (200 once every
     available probe is attached). SIGTERM or SIGINT detaches everything and exits 0.
     Socket counts by state, TIME_WAIT by port and the port-exhaustion forecast come
-    from a background poll of the kernel's socket tables every --state-interval.
+    from a background poll of the kernel's socket tables every --state-interval; the
+    filters do not apply to them.
 
     \b
     Examples:
