@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import probes, tracefs
+from . import native, probes, tracefs
 from .tracefs import MISSING_EFFECT, TRACEPOINTS
 
 
@@ -56,6 +56,12 @@ def run_checks(compile_test: bool = True) -> list[Item]:
     except probes.ProbeError as exc:
         items.append(Item("FAIL", "kernel headers", str(exc)))
         headers_ok = False
+
+    if native.LIB is not None:
+        items.append(Item("OK", "socket-table counter", f"C helper loaded from {native.LIBRARY}"))
+    else:
+        items.append(Item("WARN", "socket-table counter",
+                          f"{native.UNAVAILABLE}: polls fall back to Python at about twice the CPU"))
 
     if not compile_test:
         return items

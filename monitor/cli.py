@@ -12,7 +12,7 @@ import time
 import click
 from prometheus_client import CollectorRegistry
 
-from . import __version__
+from . import __version__, native
 from .config import (CIDR, DEFAULT_FORECAST_WINDOW, DEFAULT_LISTEN_ADDRESS, DEFAULT_MAX_SOCKETS, DEFAULT_STATE_INTERVAL,
                      DEFAULT_TOP_N, LISTEN_ADDRESS, PORT, make_filters)
 from .tracefs import MISSING_EFFECT, TRACEPOINTS, TracefsError, detect_layout, ensure_tracefs
@@ -204,6 +204,10 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, s
                  "send_reset_layout": layout.send_reset_variant or "none"}
         registry.register(TcpstateCollector(lambda: aggregate(probes.read(), layout.reason_names, probes.program_stats()),
                                             lambda: probes.attached, build))
+        if native.LIB is not None:
+            log.info("socket tables: counted in C (%s)", native.LIBRARY)
+        else:
+            log.warning("socket tables: counted in Python, at about twice the CPU per poll: %s", native.UNAVAILABLE)
         poller = StatePoller(targets, state_interval, top_n, forecast_window)
         registry.register(StateCollector(poller.results, poller.errors, time.time))
         poller.start()

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import errno
-from array import array
+import heapq
 import os
 import socket
 import struct
 import sys
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from . import native
 from .states import NUMBERS
 
 NETLINK_SOCK_DIAG = 4
@@ -293,6 +295,14 @@ class Tally:
         if flag.strip(b"\0"):
             self._add_remotes(records, stride, flag, dp_hi, dp_lo)
 
+    def top_ports(self, side: str, n: int) -> tuple[list, int]:
+        """([(port, TIME_WAIT sockets), ...] for the n ports with most, most first, ties by
+        lower port; the TIME_WAIT sockets over all ports). side: "local" or "remote"."""
+        return top_of(self.port_counts(side), n)
+
+    def port_counts(self, side: str) -> Counter:
+        return self.tw_local if side == "local" else self.tw_remote
+
     def finish(self) -> "Tally":
         """Drop the placeholder port 0 of non-TIME_WAIT records (no socket has port 0), and
         decode the endpoint keys, once per distinct key rather than once per batch."""
@@ -341,6 +351,12 @@ class Tally:
             self._endpoint_keys.update(zip(words, array("Q", mid), array("Q", low)))
 
 
+def top_of(counts: Counter, n: int) -> tuple[list, int]:
+    """The n largest positive counts as [(key, count)], most first, ties by lower key; and the sum."""
+    top = heapq.nsmallest(n, ((k, c) for k, c in counts.items() if c > 0), key=lambda kc: (-kc[1], kc[0]))
+    return top, sum(c for c in counts.values() if c > 0)
+
+
 def one_walk_pays(sockstat: str) -> bool:
     """Whether to dump all states in one walk of the kernel's tables rather than minisockets and
     full sockets apart, from /proc/net/sockstat (+ sockstat6). Each walk costs about as much as
@@ -358,29 +374,54 @@ def one_walk_pays(sockstat: str) -> bool:
 
 
 def poll(sock: socket.socket, port_range: tuple[int, int] | None, per_family: bool = False,
-         one_walk: bool = False, recent_ms: int | None = None) -> Tally:
+         one_walk: bool = False, recent_ms: int | None = None, top_n: int | None = None,
+         rank_window: float = 0.0, use_native: bool | None = None):
     """Every TCP socket of the socket's namespace by state, TIME_WAIT sockets by local and
     remote port, and sockets on a local port in port_range (the ephemeral ports) by remote
     endpoint. Both families per walk; per_family uses the newer request, a walk per family,
-    for kernels without the old one. one_walk: see one_walk_pays(). recent_ms: see Tally."""
-    tally = Tally(recent_ms=recent_ms)
+    for kernels without the old one. one_walk: see one_walk_pays(). recent_ms: see Tally.
+    Counted by _tally.c when it is built (use_native None), else by Tally. top_n, rank_window:
+    decode only what summarize() keeps (see NativeTally.finish; None: everything)."""
+    if use_native is None:
+        use_native = native.LIB is not None
     families = (socket.AF_INET, socket.AF_INET6) if per_family else (socket.AF_UNSPEC,)
     walks = (ALL_STATES,) if one_walk else (MINI_STATES, FULL_STATES)
-    for family in families:
-        for states in walks:
-            # Runs of one kind are counted in batches of about BATCH bytes: few passes, and
-            # buffers small enough to stay in cache and be reused instead of faulted in.
-            groups: dict[tuple, list] = {}
-            for records, stride, full in dump(sock, request(states, family)):
-                parts = groups.setdefault((stride, full), [])
-                parts.append(records)
-                if len(parts) * len(records) >= BATCH:
-                    tally.add(b"".join(parts), stride, not full, port_range)
-                    parts.clear()
-            for (stride, full), parts in groups.items():
-                if parts:
-                    tally.add(b"".join(parts), stride, not full, port_range)
+    requests = [request(states, family) for family in families for states in walks]
+    if use_native:
+        return _poll_native(sock, requests, port_range, recent_ms, top_n, rank_window)
+    tally = Tally(recent_ms=recent_ms)
+    for req in requests:
+        # Runs of one kind are counted in batches of about BATCH bytes: few passes, and
+        # buffers small enough to stay in cache and be reused instead of faulted in.
+        groups: dict[tuple, list] = {}
+        for records, stride, full in dump(sock, req):
+            parts = groups.setdefault((stride, full), [])
+            parts.append(records)
+            if len(parts) * len(records) >= BATCH:
+                tally.add(b"".join(parts), stride, not full, port_range)
+                parts.clear()
+        for (stride, full), parts in groups.items():
+            if parts:
+                tally.add(b"".join(parts), stride, not full, port_range)
     return tally.finish()
+
+
+def _poll_native(sock, requests, port_range, recent_ms, top_n, rank_window):
+    tally = native.NativeTally(port_range, recent_ms)
+    buf = bytearray(1 << 16)  # a dump datagram is at most 32 KB
+    try:
+        for req in requests:
+            sock.send(req)
+            while True:
+                n = sock.recv_into(buf)
+                if not n:
+                    raise SockDiagError(errno.EIO, "sock_diag dump ended without NLMSG_DONE")
+                if tally.feed(buf, n):
+                    break
+    except BaseException:
+        tally.close()
+        raise
+    return tally.finish(top_n, rank_window)
 
 
 def open_socket() -> socket.socket:

@@ -63,9 +63,9 @@ class NamespaceState:
     finished: float  # wall-clock time
 
 
-def top_ports(side: str, counts, n: int) -> list:
-    top = counts.most_common(n)
-    rest = sum(counts.values()) - sum(c for _, c in top)
+def top_ports(side: str, tally, n: int) -> list:
+    top, total = tally.top_ports(side, n)
+    rest = total - sum(c for _, c in top)
     return [(side, str(port), c) for port, c in top] + [(side, "other", rest)]
 
 
@@ -74,15 +74,17 @@ def summarize(target: Target, tally: Tally, limits: Limits, kernel: dict, window
     """Turn one poll's raw tally into what the collector exports. window: the seconds of
     TIME_WAIT entries (tally.remote_recent) behind each endpoint's rate."""
     sockets = {name: tally.states.get(STATE_NUMBERS[name], 0) for name in REPORTED_STATES}
-    ports = top_ports("local", tally.tw_local, top_n) + top_ports("remote", tally.tw_remote, top_n)
-    stats = []
+    ports = top_ports("local", tally, top_n) + top_ports("remote", tally, top_n)
+    ranked = []
     for key in set(tally.remote_time_wait) | set(tally.remote_other):
         tw, other = tally.remote_time_wait.get(key, 0), tally.remote_other.get(key, 0)
         rate = tally.remote_recent.get(key, 0) / window
         fc = forecast(limits.usable_ports, tw, other, rate) if limits.usable_ports > 0 else None
-        stats.append(EndpointStat(endpoint_label(key), tw, other, rate, fc))
-    stats.sort(key=lambda e: (-max(e.time_wait + e.other, e.forecast.demand if e.forecast else 0), e.remote))
-    return NamespaceState(target.label, sockets, tuple(ports), limits, kernel, tuple(stats[:top_n]),
+        # Ties by (family, address, port), numerically: _tally.c ranks in this same order.
+        ranked.append((-max(tw + other, fc.demand if fc else 0), key, EndpointStat(endpoint_label(key), tw, other,
+                                                                                   rate, fc)))
+    ranked.sort(key=lambda r: r[:2])
+    return NamespaceState(target.label, sockets, tuple(ports), limits, kernel, tuple(e for _, _, e in ranked[:top_n]),
                           duration, cpu, finished)
 
 
@@ -151,7 +153,9 @@ class StatePoller:
                 sock = open_socket()  # stays in the namespace it was made in
             with sock:
                 sock.settimeout(DUMP_TIMEOUT)
-                tally = self._dump(sock, (limits.port_first, limits.port_last), one_walk)
+                # The C counter ranks endpoints as summarize() will: by the forecast if there is one.
+                rank_window = self.window if limits.usable_ports > 0 else 0.0
+                tally = self._dump(sock, (limits.port_first, limits.port_last), one_walk, rank_window)
         except (OSError, ValueError) as exc:
             self._errors[target.label] += 1
             if target.label not in self._failing:
@@ -167,13 +171,15 @@ class StatePoller:
         return summarize(target, tally, limits, kernel, self.window, self.top_n,
                          time.perf_counter() - wall0, time.thread_time() - cpu0, self._clock())
 
-    def _dump(self, sock, port_range, one_walk: bool) -> Tally:
+    def _dump(self, sock, port_range, one_walk: bool, rank_window: float) -> Tally:
         if not self._per_family:
             try:
-                return poll(sock, port_range, one_walk=one_walk, recent_ms=self._recent_ms)
+                return poll(sock, port_range, one_walk=one_walk, recent_ms=self._recent_ms, top_n=self.top_n,
+                            rank_window=rank_window)
             except SockDiagError as exc:
                 if exc.errno not in (errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP):
                     raise
                 log.info("the kernel refused the one-walk TCPDIAG_GETSOCK dump (%s); dumping per family", exc)
                 self._per_family = True
-        return poll(sock, port_range, per_family=True, one_walk=one_walk, recent_ms=self._recent_ms)
+        return poll(sock, port_range, per_family=True, one_walk=one_walk, recent_ms=self._recent_ms,
+                    top_n=self.top_n, rank_window=rank_window)

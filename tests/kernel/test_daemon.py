@@ -156,4 +156,5 @@ def test_check_passes_here():
     lines = res.stdout.splitlines()
     assert any(line.startswith("OK   tracepoint sock:inet_sock_set_state") for line in lines)
     assert any(line.startswith("OK   test compile") for line in lines)
+    assert "OK   socket-table counter: C helper loaded from " in res.stdout  # make setup built it
     assert lines[-1] == "tcpstate run would work"

@@ -11,7 +11,9 @@ kernel's share of a netlink dump is spent) and wall time, plus `ss -tan` for sca
 from __future__ import annotations
 
 import os
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from monitor import native, sockdiag  # noqa: E402
 from monitor.statepoll import StatePoller, Target  # noqa: E402
 
 CASES = ((1000, "IPv4"), (10000, "IPv4"), (130000, "IPv4"), (130000, "IPv6"))
@@ -94,6 +97,66 @@ def measure(client: str) -> dict:
             "cpu_max": max(cpu), "wall_med": statistics.median(wall), "wall_max": max(wall), "ss_ms": ss_ms}
 
 
+SYNTH_RECORDS = 128_000
+SYNTH_DISTINCT = (4, 1_000, 128_000)
+
+
+def synthetic_dump(distinct: int, family: int) -> list:
+    """SYNTH_RECORDS TIME_WAIT records (96 bytes, as root gets them) from ephemeral ports to
+    `distinct` remote endpoints, cut into 32 KB datagrams like the kernel's, NLMSG_DONE last."""
+    recs = []
+    for i in range(SYNTH_RECORDS):
+        e = i % distinct
+        dst = bytes([198, 18, e >> 8 & 0xFF, e & 0xFF]) if family == socket.AF_INET else \
+            bytes.fromhex("20010db8") + bytes(8) + e.to_bytes(4, "big")
+        msg = (struct.pack("=BBBB", family, 6, 0, 0) + struct.pack("!HH", 1024 + i % 64000, 1 + e % 60000)
+               + bytes(16) + dst.ljust(16, b"\0") + bytes(12) + struct.pack("=IIIII", i % 60000, 0, 0, 0, 0)
+               + struct.pack("=HHI", 8, 15, 0))  # INET_DIAG_MARK
+        recs.append(struct.pack("=IHHII", 16 + len(msg), 18, 2, 1, 0) + msg)
+    per = 32768 // len(recs[0])
+    chunks = [b"".join(recs[i:i + per]) for i in range(0, len(recs), per)]
+    return chunks + [struct.pack("=IHHIIi", 20, 3, 2, 1, 0, 0)]
+
+
+class ReplaySocket:
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+    def send(self, req):
+        self.pending = iter(self.chunks)
+
+    def recv(self, bufsize):
+        return next(self.pending)
+
+    def recv_into(self, buf):
+        chunk = next(self.pending)
+        buf[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def counting_only() -> list:
+    """CPU of counting a recorded dump (no kernel), in C and in Python, by distinct endpoints."""
+    rows = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for distinct in SYNTH_DISTINCT:
+            sock = ReplaySocket(synthetic_dump(distinct, family))
+            row = {"family": "IPv4" if family == socket.AF_INET else "IPv6", "distinct": distinct}
+            for name, use_native in (("c", True), ("python", False)):
+                if use_native and native.LIB is None:
+                    continue
+                cpu = []
+                for _ in range(5):
+                    c0 = time.thread_time()
+                    t = sockdiag.poll(sock, (1024, 65535), one_walk=True, recent_ms=30000, top_n=10,
+                                      rank_window=30.0, use_native=use_native)
+                    sorted(t.remote_time_wait.items(), key=lambda kv: -kv[1])  # what summarize() walks
+                    cpu.append((time.thread_time() - c0) * 1e3)
+                row[name] = statistics.median(cpu)
+            rows.append(row)
+            print(f"counting: {row}", file=sys.stderr)
+    return rows
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("statepoll_bench: needs root (namespaces)", file=sys.stderr)
@@ -121,6 +184,13 @@ def main() -> int:
         assert m["time_wait"] == m["ss"], m  # the poll and ss agree
         print(f"| {m['time_wait']} | {m['family']} | {m['cpu_med']:.1f} | {m['cpu_max']:.1f} | {m['wall_med']:.1f} "
               f"| {m['wall_max']:.1f} | {m['ss_ms']:.0f} |")
+    print(f"\nCounting alone: a recorded dump of {SYNTH_RECORDS} TIME_WAIT records replayed, no kernel "
+          "(median of 5, CPU ms)\n")
+    print("| family | distinct remote endpoints | C counter | Python fallback |")
+    print("|---|---:|---:|---:|")
+    for r in counting_only():
+        c = f"{r['c']:.1f}" if "c" in r else "not built"
+        print(f"| {r['family']} | {r['distinct']} | {c} | {r['python']:.1f} |")
     return 0
 
 

@@ -9,7 +9,9 @@ from collections import Counter
 
 import pytest
 
-from monitor import sockdiag
+from monitor import native, sockdiag
+from monitor.kstats import Limits
+from monitor.statepoll import Target, summarize
 from monitor.sockdiag import SockDiagError, Tally, endpoint, endpoint_label, request, split_records
 
 HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
@@ -132,21 +134,67 @@ def reference(records, port_range, recent_ms=None):
 
 
 def tally_of(chunks, port_range, recent_ms=None):
-    """What poll() does with the datagrams of a dump."""
+    """What poll() does with the datagrams of a dump, in Python (returned) and in C (which
+    must agree on every count and on the top ports)."""
     t = Tally(recent_ms=recent_ms)
     for chunk in chunks:
         runs, _ = split_records(chunk)
         for records, stride, is_full in runs:
             t.add(records, stride, not is_full, port_range)
-    return t.finish()
+    t.finish()
+    c = native_tally_of(chunks, port_range, recent_ms)
+    assert_same(c, t)
+    for side in ("local", "remote"):
+        for n in (0, 1, 3, 10, 70000):
+            assert c.top_ports(side, n) == t.top_ports(side, n)
+    # As the daemon asks: only the top ports and endpoints decoded, ranked in C the way
+    # summarize() ranks them, with a forecast (window 30 s) and without (all ports reserved).
+    for window, reserved, n in ((30.0, 0, 3), (30.0, 0, 1), (0.0, 70000, 2)):
+        kept = native_tally_of(chunks, port_range, recent_ms, top_n=n, rank_window=window)
+        assert kept.states == t.states
+        for side in ("local", "remote"):
+            assert kept.top_ports(side, n) == t.top_ports(side, n)
+            assert kept.top_ports(side, n - 1) == t.top_ports(side, n - 1)
+            with pytest.raises(ValueError):
+                kept.top_ports(side, n + 1)
+        first, last = port_range or (32768, 60999)
+        limits = Limits(4096, first, last, reserved)
+        want = summarize(Target.own(), t, limits, {}, window or 30.0, n, 0.0, 0.0, 0.0)
+        got = summarize(Target.own(), kept, limits, {}, window or 30.0, n, 0.0, 0.0, 0.0)
+        assert got.endpoints == want.endpoints and got.time_wait_ports == want.time_wait_ports
+    return t
 
 
-def assert_same(got, want):
+def native_tally_of(chunks, port_range, recent_ms=None, top_n=None, rank_window=0.0):
+    c = native.NativeTally(port_range, recent_ms)
+    for chunk in chunks:
+        c.feed(chunk, len(chunk))
+    return c.finish(top_n, rank_window)
+
+
+def assert_same(got, want, ports=True):
     # Counters compare equal ignoring zero entries; compare the positive counts.
-    for name in ("states", "tw_local", "tw_remote", "remote_time_wait", "remote_other", "remote_recent"):
+    names = ("states", "remote_time_wait", "remote_other", "remote_recent") + (("tw_local", "tw_remote") if ports else ())
+    for name in names:
         g, w = getattr(got, name), getattr(want, name)
         assert +g == +w, name
         assert all(v > 0 for v in g.values()), name
+
+
+def decode_both(chunk):
+    """split_records, and the C counter fed the same datagram: both raise the same error."""
+    errors = []
+    for decode in (split_records, lambda c: native.NativeTally(None, None).feed(c, len(c))):
+        try:
+            decode(chunk)
+            errors.append(None)
+        except SockDiagError as exc:
+            errors.append(exc)
+    py, c = errors
+    assert (py is None) == (c is None)
+    if py is not None:
+        assert (py.errno, str(py)) == (c.errno, str(c))
+        raise py
 
 
 def run_count(chunk):
@@ -377,9 +425,16 @@ class FakeDiagSocket:
     def recv(self, bufsize):
         return self.pending.pop(0)
 
+    def recv_into(self, buf):
+        chunk = self.pending.pop(0)
+        buf[:len(chunk)] = chunk
+        return len(chunk)
 
+
+@pytest.mark.parametrize("use_native", [False, True])
 @pytest.mark.parametrize("kw, walks", [({}, 2), ({"one_walk": True}, 1), ({"per_family": True}, 4)])
-def test_poll_passes_recent_ms_to_every_walk(kw, walks):
+def test_poll_passes_recent_ms_to_every_walk(kw, walks, use_native):
+    kw = dict(kw, use_native=use_native)
     web = (AF_INET, V4[0], 80)
     tw = b"".join(mini(AF_INET, TIME_WAIT, 40000 + i, 80, V4[0], expires=e)
                   for i, e in enumerate((29999, 30000, 45000, 1000, 60000)))
@@ -413,6 +468,46 @@ def test_both_record_types_are_records(kind):
     recs = [record(AF_INET, TIME_WAIT, 40000, 80, V4[0], 96, kind=kind)] * 5
     runs, is_done = split_records(b"".join(recs) + done())
     assert ([(len(r), s, f) for r, s, f in runs], is_done) == ([(480, 96, False)], True)
+
+
+def test_the_c_counter_is_built():
+    # make setup builds monitor/_tally.so; without it the daemon falls back to Python (and says so).
+    assert native.LIB is not None, native.UNAVAILABLE
+
+
+def test_the_c_counter_missing_or_broken_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "LIBRARY", tmp_path / "_tally.so")
+    assert native._load() == (None, f"{tmp_path / '_tally.so'} is not built (make setup builds it)")
+    (tmp_path / "_tally.so").write_text("not a library")
+    lib, why = native._load()
+    assert lib is None and why.startswith(f"{tmp_path / '_tally.so'}: ") and "\n" not in why
+
+
+def test_native_endpoint_struct_size():
+    assert native.ctypes.sizeof(native.Endpoint) == 32 == native.LIB.tcpstate_tally_sizeof_endpoint()
+
+
+def test_native_top_ports_ties_and_totals():
+    recs = [mini(AF_INET, TIME_WAIT, port, 80 + i % 3, V4[0]) for port, k in
+            ((40005, 3), (40001, 3), (40003, 5), (40002, 1), (65535, 3), (1, 1)) for i in range(k)]
+    t = native_tally_of([b"".join(recs) + done()], None)
+    assert t.top_ports("local", 4) == ([(40003, 5), (40001, 3), (40005, 3), (65535, 3)], 16)
+    assert t.top_ports("remote", 10) == ([(80, 7), (81, 5), (82, 4)], 16)
+    assert t.top_ports("local", 0) == ([], 16)
+    assert native_tally_of([done()], None, top_n=10).top_ports("local", 10) == ([], 0)
+
+
+def test_native_endpoint_table_grows():
+    # Far more distinct endpoints than the table starts with (64 slots), each counted exactly.
+    recs = [mini(AF_INET6, TIME_WAIT, 40000, port, V6[port % 4]) for port in range(1, 5001)] * 2
+    t = native_tally_of([b"".join(recs[i:i + 300]) for i in range(0, len(recs), 300)] + [done()], (1024, 65535))
+    assert len(t.remote_time_wait) == 5000 and set(t.remote_time_wait.values()) == {2}
+
+
+def test_poll_uses_the_c_counter_when_built():
+    replies = [[mini(AF_INET, TIME_WAIT, 40000, 80, V4[0]) + done()]]
+    assert isinstance(sockdiag.poll(FakeDiagSocket(replies), None, one_walk=True), native.NativeTally)
+    assert isinstance(sockdiag.poll(FakeDiagSocket(replies), None, one_walk=True, use_native=False), Tally)
 
 
 # --- split_records --------------------------------------------------------------------------------
@@ -483,7 +578,7 @@ def test_nlmsg_error_raises_its_errno(prefix):
             "cut": mini(AF_INET, TIME_WAIT, 40000, 80, V4[0]) + full(AF_INET, 1, 40000, 80, V4[0]),
             }[prefix]
     with pytest.raises(SockDiagError) as exc:
-        split_records(recs + error(-errno.EINVAL))
+        decode_both(recs + error(-errno.EINVAL))
     assert exc.value.errno == errno.EINVAL
 
 
@@ -494,19 +589,19 @@ def test_nlmsg_error_zero_is_an_ack_that_ends_the_dump():
 def test_message_length_below_header_raises():
     bad = HDR.pack(8, sockdiag.NLMSG_DONE, 0, 1, 0)
     with pytest.raises(SockDiagError) as exc:
-        split_records(mini(AF_INET, TIME_WAIT, 40000, 80, V4[0]) + bad + bytes(12))
+        decode_both(mini(AF_INET, TIME_WAIT, 40000, 80, V4[0]) + bad + bytes(12))
     assert exc.value.errno == errno.EBADMSG
     with pytest.raises(SockDiagError):
-        split_records(bad + bytes(12))
+        decode_both(bad + bytes(12))
     with pytest.raises(SockDiagError):  # a zero length would loop forever if let through
-        split_records(bytes(16))
+        decode_both(bytes(16))
 
 
 def test_message_longer_than_the_datagram_raises():
     a = mini(AF_INET, TIME_WAIT, 40000, 80, V4[0])
     b = full(AF_INET, ESTABLISHED, 40000, 80, V4[0], size=116)
     with pytest.raises(SockDiagError) as exc:
-        split_records(a + b[:100])
+        decode_both(a + b[:100])
     assert exc.value.errno == errno.EBADMSG
 
 
@@ -514,12 +609,12 @@ def test_truncated_last_record_of_a_run_raises():
     rec = mini(AF_INET, TIME_WAIT, 40000, 80, V4[0])
     for whole in (2, 6):
         with pytest.raises(SockDiagError):
-            split_records(rec * whole + rec[:50])
+            decode_both(rec * whole + rec[:50])
 
 
 def test_truncated_only_record_raises():
     with pytest.raises(SockDiagError):
-        split_records(full(AF_INET, ESTABLISHED, 40000, 80, V4[0], size=116)[:100])
+        decode_both(full(AF_INET, ESTABLISHED, 40000, 80, V4[0], size=116)[:100])
 
 
 @pytest.mark.parametrize("length", [16, 72, 87])
@@ -527,10 +622,10 @@ def test_short_record_raises(length):
     short = HDR.pack(length, sockdiag.SOCK_DIAG_BY_FAMILY, NLM_F_MULTI, 1, 0) + bytes(length - 16)
     short += bytes(-len(short) % 4)
     with pytest.raises(SockDiagError) as exc:
-        split_records(short + done())
+        decode_both(short + done())
     assert exc.value.errno == errno.EBADMSG
     with pytest.raises(SockDiagError):
-        split_records(mini(AF_INET, TIME_WAIT, 40000, 80, V4[0]) * 5 + short + done())
+        decode_both(mini(AF_INET, TIME_WAIT, 40000, 80, V4[0]) * 5 + short + done())
 
 
 # --- request ------------------------------------------------------------------------------------
@@ -664,7 +759,7 @@ def test_done_with_an_error_raises():
     """A dump that fails part way ends with NLMSG_DONE carrying -errno: a partial count must not pass as whole."""
     done = struct.pack("=IHHIIi", 20, sockdiag.NLMSG_DONE, 2, 1, 0, -errno.ENOBUFS)
     with pytest.raises(sockdiag.SockDiagError) as exc:
-        sockdiag.split_records(done)
+        decode_both(done)
     assert exc.value.errno == errno.ENOBUFS
     ok = struct.pack("=IHHIIi", 20, sockdiag.NLMSG_DONE, 2, 1, 0, 0)
     assert sockdiag.split_records(ok) == ([], True)
@@ -676,5 +771,5 @@ def test_done_with_an_error_raises():
 ])
 def test_malformed_control_messages_raise(msg):
     with pytest.raises(SockDiagError) as exc:
-        split_records(msg)
+        decode_both(msg)
     assert exc.value.errno == errno.EBADMSG

@@ -129,12 +129,13 @@ def test_own_target():
 @pytest.mark.parametrize("window", [0, -1, -0.0, 60.001, 61, 3600, math.inf, math.nan])
 def test_window_out_of_range(window):
     with pytest.raises(ValueError):
-        StatePoller([Target.own()], 1, 5, window=window)
+        StatePoller([Target.own()], 1, TOP_N, window=window)
 
 
 # --- StatePoller on faked reads -------------------------------------------------------------------
 
 LIMITS = Limits(131072, 40000, 40099, reserved=20)  # 100 ports, 80 usable
+TOP_N = 5
 WEB = (socket.AF_INET, socket.inet_pton(socket.AF_INET, "198.18.0.2"), 80)
 SOCKSTAT_TW = "TCP: inuse 1 orphan 0 tw 6400 alloc 1 mem 0\n"  # one walk pays
 SOCKSTAT_FULL = "TCP: inuse 100 orphan 0 tw 6 alloc 100 mem 0\n"  # it does not
@@ -196,7 +197,8 @@ class FakeHost:
         self.socks.append(sock)
         return sock
 
-    def poll(self, sock, port_range, per_family=False, one_walk=False, recent_ms=None):
+    def poll(self, sock, port_range, per_family=False, one_walk=False, recent_ms=None, top_n=None, rank_window=0.0):
+        assert top_n == TOP_N  # the C counter keeps only the top ports the summary asks for
         self.polls.append((sock.ns, port_range, dict(per_family=per_family, one_walk=one_walk,
                                                      recent_ms=recent_ms)))
         errors = self.poll_errors.get(sock.ns)
@@ -231,7 +233,7 @@ def host(monkeypatch):
 
 def test_polls_every_target(host):
     host.sockstat["/run/netns/red"] = SOCKSTAT_FULL
-    poller = StatePoller([OWN, BLUE, RED], 1, 5, window=20.0, clock=lambda: 1234.5)
+    poller = StatePoller([OWN, BLUE, RED], 1, TOP_N, window=20.0, clock=lambda: 1234.5)
     poller.poll_once()
     assert set(poller.results()) == {"", "blue", "red"}
     assert poller.errors() == {"": 0, "blue": 0, "red": 0}
@@ -256,7 +258,7 @@ def test_polls_every_target(host):
 @pytest.mark.parametrize("window, recent_ms", [(30.0, 30000), (60, 0), (0.5, 59500), (45.25, 14750),
                                                (1, 59000), (0.001, 59999)])
 def test_window_sets_the_recent_threshold(host, window, recent_ms):
-    poller = StatePoller([OWN], 1, 5, window=window)
+    poller = StatePoller([OWN], 1, TOP_N, window=window)
     poller.poll_once()
     assert host.polls[0][2]["recent_ms"] == recent_ms
     (web,) = poller.results()[""].endpoints
@@ -265,7 +267,7 @@ def test_window_sets_the_recent_threshold(host, window, recent_ms):
 
 def test_one_warning_per_failing_stretch(host, caplog):
     caplog.set_level(logging.INFO, logger="monitor.statepoll")
-    poller = StatePoller([OWN, BLUE], 1, 5)
+    poller = StatePoller([OWN, BLUE], 1, TOP_N)
     host.broken["/run/netns/blue"] = ENOENT
     for _ in range(3):
         poller.poll_once()
@@ -297,7 +299,7 @@ def test_one_warning_per_failing_stretch(host, caplog):
 
 def test_failing_namespaces_are_tracked_apart(host, caplog):
     caplog.set_level(logging.INFO, logger="monitor.statepoll")
-    poller = StatePoller([OWN, BLUE, RED], 1, 5)
+    poller = StatePoller([OWN, BLUE, RED], 1, TOP_N)
     host.broken["/run/netns/blue"] = ENOENT
     poller.poll_once()
     host.broken["/run/netns/red"] = ENOENT
@@ -313,7 +315,7 @@ def test_failing_namespaces_are_tracked_apart(host, caplog):
 
 def test_own_namespace_failing(host, caplog):
     caplog.set_level(logging.INFO, logger="monitor.statepoll")
-    poller = StatePoller([OWN, BLUE], 1, 5)
+    poller = StatePoller([OWN, BLUE], 1, TOP_N)
     host.poll_errors[None] = [SockDiagError(errno.EPERM, "sock_diag dump: Operation not permitted")] * 2
     poller.poll_once()
     poller.poll_once()
@@ -334,7 +336,7 @@ def test_own_namespace_failing(host, caplog):
     (ValueError("unpaired lines for 'Tcp' and 'Udp'"), "unpaired lines for 'Tcp' and 'Udp'"),
 ])
 def test_failures_in_the_dump(host, caplog, exc, why):
-    poller = StatePoller([BLUE], 1, 5)
+    poller = StatePoller([BLUE], 1, TOP_N)
     host.poll_errors["/run/netns/blue"] = [exc]
     poller.poll_once()
     assert poller.results() == {} and poller.errors() == {"blue": 1}
@@ -347,7 +349,7 @@ def test_failures_reading_the_namespace(host, monkeypatch, caplog):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/proc/sys/net/ipv4/tcp_max_tw_buckets")
 
     monkeypatch.setattr(statepoll, "read_limits", unreadable)
-    poller = StatePoller([BLUE], 1, 5)
+    poller = StatePoller([BLUE], 1, TOP_N)
     poller.poll_once()
     assert poller.results() == {} and poller.errors() == {"blue": 1}
     assert host.polls == []
@@ -367,7 +369,7 @@ def test_real_entered_on_paths_that_are_no_namespace(tmp_path, monkeypatch, capl
     regular.write_text("")
     targets = [Target.from_path(str(tmp_path / "gone")), Target.from_path(str(fifo)),
                Target.from_path(str(regular))]
-    poller = StatePoller(targets, 1, 5)
+    poller = StatePoller(targets, 1, TOP_N)
     done = threading.Event()
     t = threading.Thread(target=lambda: (poller.poll_once(), poller.poll_once(), done.set()), daemon=True)
     t.start()
@@ -388,7 +390,7 @@ def test_real_entered_on_paths_that_are_no_namespace(tmp_path, monkeypatch, capl
 @pytest.mark.parametrize("err", [errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP])
 def test_per_family_fallback(host, caplog, err):
     caplog.set_level(logging.INFO, logger="monitor.statepoll")
-    poller = StatePoller([OWN, BLUE], 1, 5)
+    poller = StatePoller([OWN, BLUE], 1, TOP_N)
     refused = SockDiagError(err, f"sock_diag dump: {os.strerror(err)}")
     host.poll_errors[None] = [refused]
     poller.poll_once()
@@ -412,7 +414,7 @@ def test_per_family_fallback(host, caplog, err):
 
 def test_other_refusals_do_not_switch_to_per_family(host, caplog):
     caplog.set_level(logging.INFO, logger="monitor.statepoll")
-    poller = StatePoller([BLUE], 1, 5)
+    poller = StatePoller([BLUE], 1, TOP_N)
     host.poll_errors["/run/netns/blue"] = [SockDiagError(errno.ENOBUFS, "sock_diag dump failed part way: "
                                                                         "No buffer space available")]
     poller.poll_once()
@@ -427,7 +429,7 @@ def test_other_refusals_do_not_switch_to_per_family(host, caplog):
 def test_per_family_failing_too(host, caplog):
     # Both requests refused: the namespace fails this poll, and per family is kept for the next.
     caplog.set_level(logging.INFO, logger="monitor.statepoll")
-    poller = StatePoller([BLUE], 1, 5)
+    poller = StatePoller([BLUE], 1, TOP_N)
     host.poll_errors["/run/netns/blue"] = [SockDiagError(errno.EINVAL, "sock_diag dump: Invalid argument"),
                                            SockDiagError(errno.EINVAL, "sock_diag dump: Invalid argument")]
     poller.poll_once()
@@ -442,13 +444,13 @@ def test_per_family_failing_too(host, caplog):
 
 
 def test_errors_is_a_copy(host):
-    poller = StatePoller([BLUE], 1, 5)
+    poller = StatePoller([BLUE], 1, TOP_N)
     poller.errors()["blue"] = 99
     assert poller.errors() == {"blue": 0}
 
 
 def test_results_are_replaced_whole(host):
-    poller = StatePoller([OWN, BLUE], 1, 5)
+    poller = StatePoller([OWN, BLUE], 1, TOP_N)
     poller.poll_once()
     before = poller.results()
     host.broken["/run/netns/blue"] = ENOENT
