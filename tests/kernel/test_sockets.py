@@ -217,6 +217,11 @@ def test_vanishing_and_missing_namespaces(caplog):
     assert any("/nonexistent/netns" in w for w in warnings)
 
 
+def counts(tally):
+    return (+tally.states, +tally.tw_local, +tally.tw_remote, +tally.remote_time_wait, +tally.remote_other,
+            +tally.remote_recent)
+
+
 def test_one_walk_and_two_walks_agree(pair):
     """The poll dumps all states in one walk when TIME_WAIT dominates, else minisockets and full
     sockets apart: both must count the same sockets."""
@@ -235,12 +240,12 @@ def test_one_walk_and_two_walks_agree(pair):
         for ns in (pair.client, pair.server):
             with in_netns(ns):
                 sock = sockdiag.open_socket()
-            with sock:
-                tallies = [sockdiag.poll(sock, (32768, 60999), one_walk=w) for w in (False, True)]
-                tallies.append(sockdiag.poll(sock, (32768, 60999), per_family=True))
-            assert tallies[0] == tallies[1] == tallies[2], ns
-            assert tallies[0].states[sockdiag.TIME_WAIT] == ss_count(ns, "time-wait")
-            assert tallies[0].states[1] == 3  # ESTABLISHED: the three held connections, each side
+            with sock:  # each kind of walk, counted in C and in Python: all the same
+                tallies = [counts(sockdiag.poll(sock, (32768, 60999), use_native=c, **kw))
+                           for kw in ({}, {"one_walk": True}, {"per_family": True}) for c in (True, False)]
+            assert all(t == tallies[0] for t in tallies), ns
+            assert tallies[0][0][sockdiag.TIME_WAIT] == ss_count(ns, "time-wait")
+            assert tallies[0][0][1] == 3  # ESTABLISHED: the three held connections, each side
     finally:
         for s in held:
             s.close()
