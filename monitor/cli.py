@@ -150,8 +150,19 @@ def cli(log_level):
               show_default=True, envvar="TCPSTATE_FORECAST_WINDOW", metavar="SECONDS",
               help="The port-exhaustion forecast's rate counts the connections that entered TIME_WAIT within "
               "this many seconds (at most the 60 s TIME_WAIT lifetime).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="TCPSTATE_CONFIG", metavar="FILE",
+              help="TOML file of anomaly detector thresholds (README, \"Anomaly detection\"); "
+              "`tcpstate config-check FILE` validates one.")
+@click.option("--set", "settings", multiple=True, metavar="SECTION.KEY=VALUE", envvar="TCPSTATE_SET",
+              help="Override one threshold of the config, e.g. --set rst_storm.rate=50. Repeatable; in the "
+              "environment, space-separated.")
+@click.option("--events", "events_path", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              show_default=True, envvar="TCPSTATE_EVENTS", metavar="FILE",
+              help="Where anomaly events go, one JSON object per line; - is stdout.")
+@click.option("--events-webhook", metavar="URL", envvar="TCPSTATE_EVENTS_WEBHOOK",
+              help="Also POST each event's JSON to this http(s) URL (bounded queue, retried, never blocks).")
 def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, state_interval, top_n, netns_paths,
-        forecast_window):
+        forecast_window, config_path, settings, events_path, events_webhook):
     """Run the daemon: attach the tracepoints and serve /metrics.
 
     Serves / (a landing page), /metrics, /-/healthy, and /-/ready (200 once every
@@ -168,15 +179,25 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, s
       sudo tcpstate run --exclude-cidr 127.0.0.0/8 --exclude-cidr ::1/128
       sudo tcpstate run --netns /var/run/netns/blue --netns /proc/4242/ns/net
       sudo TCPSTATE_INCLUDE_PORT="80 443" tcpstate run --state-interval 2
+      sudo tcpstate run --config /etc/tcpstate/tcpstate.toml --events /var/log/tcpstate/events.jsonl
+      sudo tcpstate run --set rst_storm.rate=50 --events-webhook http://127.0.0.1:9000/hook
     """
+    from . import anomaly, notify
     from .aggregator import aggregate
     from .collector import TcpstateCollector
     from .probes import bcc_version
     from .server import Exporter, ServerError
 
-    from .collector import StateCollector
+    from .collector import AnomalyCollector, StateCollector
     from .statepoll import StatePoller, Target
 
+    detector_cfg = _detector_config(config_path, settings)
+    if events_webhook and not events_webhook.startswith(("http://", "https://")):
+        raise click.BadParameter(f"{events_webhook!r} is not an http:// or https:// URL", param_hint="'--events-webhook'")
+    try:
+        events_out = notify.JsonLines(sys.stdout) if events_path == "-" else notify.JsonLines.open(events_path)
+    except OSError as exc:
+        raise click.BadParameter(f"{events_path}: cannot open: {exc.strerror}", param_hint="'--events'") from None
     stop = _stop_event()
     filters = make_filters(include_cidr, exclude_cidr, include_port)
     targets = [Target.own()] + [Target.from_path(p) for p in netns_paths]
@@ -193,7 +214,7 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, s
     except ServerError as exc:
         raise Fatal(str(exc)) from None
     probes = None
-    poller = None
+    poller = engine = webhook = None
     try:
         layout = _layout()
         log.info("filters: %s", filters.describe())
@@ -211,17 +232,70 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, s
         poller = StatePoller(targets, state_interval, top_n, forecast_window)
         registry.register(StateCollector(poller.results, poller.errors, time.time))
         poller.start()
+        webhook = notify.Webhook(events_webhook) if events_webhook else None
+        detectors = anomaly.build(detector_cfg)
+        engine = anomaly.Engine(detectors, lambda: aggregate(probes.read(), layout.reason_names), poller.results,
+                                [events_out] + ([webhook] if webhook else []),
+                                detector_cfg["anomaly"]["interval_seconds"])
+        registry.register(AnomalyCollector(list(anomaly.DETECTORS), engine.fired, engine.active, webhook))
+        engine.start()
+        log.info("anomaly detectors: %s", ", ".join(d.kind for d in detectors) or "none")
         exporter.ready.set()
         log.info("ready: serving http://%s/metrics", listen_address)
         stop.wait()
     finally:
         exporter.stop()
+        if engine is not None:
+            engine.stop()
+        if webhook is not None:
+            webhook.close()
+        events_out.close()
         if poller is not None:
             poller.stop()
         if probes is not None:
             probes.close()
         log.info("stopped")
     return 0
+
+
+def _detector_config(path, settings) -> dict:
+    from .config import ConfigError, load_detector_config
+
+    overrides = tuple(x for item in settings for x in item.split())  # the env var is space-separated
+    try:
+        return load_detector_config(path, overrides)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--config'" if path and not str(exc).startswith("--set")
+                                 else "'--set'") from None
+
+
+@cli.command("config-check")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--set", "settings", multiple=True, metavar="SECTION.KEY=VALUE", help="An override, as for run.")
+def config_check(path, settings):
+    """Validate a detector config file and print the thresholds run would use.
+
+    Exits 0 when the file is valid; 2 with the file, line and key when not.
+
+    \b
+    Example:
+      tcpstate config-check /etc/tcpstate/tcpstate.toml
+    """
+    cfg = _detector_config(path, settings)
+    for section, keys in cfg.items():
+        click.echo(f"[{section}]")
+        for key, value in keys.items():
+            click.echo(f"{key} = {_toml_value(value)}")
+        click.echo("")
+    click.echo(f"{path}: OK", err=True)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
 
 
 @cli.command()

@@ -181,3 +181,32 @@ class StateCollector(Collector):
         for label, n in sorted(self._errors().items()):
             errors.add_metric([label], n)
         yield errors
+
+
+class AnomalyCollector(Collector):
+    """fired / active: kind -> count / bool (anomaly.Engine). webhook: notify.Webhook or None."""
+
+    def __init__(self, kinds: list, fired: Callable[[], dict], active: Callable[[], dict], webhook=None):
+        self._kinds = list(kinds)
+        self._fired = fired
+        self._active = active
+        self._webhook = webhook
+
+    def collect(self):
+        fired, active = self._fired(), self._active()
+        total = CounterMetricFamily("tcpstate_anomalies", "Anomalies that started firing, by detector.",
+                                    labels=["kind"])
+        now = GaugeMetricFamily("tcpstate_anomaly_active", "1 while the detector's anomaly is firing.",
+                                labels=["kind"])
+        for kind in self._kinds:
+            total.add_metric([kind], fired.get(kind, 0))
+            now.add_metric([kind], 1 if active.get(kind) else 0)
+        yield total
+        yield now
+        if self._webhook is not None:
+            hook = CounterMetricFamily("tcpstate_anomaly_webhook_events",
+                                       "Anomaly events for the webhook: sent, failed after retries, or dropped "
+                                       "because its queue was full.", labels=["result"])
+            for result in ("sent", "failed", "dropped"):
+                hook.add_metric([result], getattr(self._webhook, result))
+            yield hook

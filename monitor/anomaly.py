@@ -1,0 +1,384 @@
+"""anomaly.py: detectors that turn counter series into firing/resolved events (RST storms, TIME_WAIT buildup, connect failures)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+STATUSES = ("firing", "resolved")
+log = logging.getLogger(__name__)
+
+
+def rfc3339(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of the event stream (schema in the README, "Anomaly events")."""
+
+    time: float  # Unix seconds
+    kind: str
+    status: str  # firing | resolved
+    severity: str
+    summary: str  # one human sentence
+    value: float
+    threshold: float
+    window_seconds: float
+    details: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"time": rfc3339(self.time), "kind": self.kind, "status": self.status, "severity": self.severity,
+                "summary": self.summary, "value": _round(self.value), "threshold": _round(self.threshold),
+                "window_seconds": self.window_seconds, "details": self.details}
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), separators=(",", ":"), allow_nan=False)
+
+
+def _round(x: float) -> float:
+    return round(x, 3) if isinstance(x, float) and math.isfinite(x) else x
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What a detector sees at one tick: the in-kernel counters (aggregator.Counts, None when
+    they could not be read) and the last socket-table poll per namespace (statepoll.NamespaceState)."""
+
+    time: float
+    counts: object = None
+    namespaces: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    breach: bool
+    value: float  # the measured value of the condition that breached (or of the main one)
+    threshold: float
+    summary: str
+    details: dict
+
+
+class Window:
+    """Samples of counters (dicts of name -> monotonically growing value) over the last
+    `seconds`; delta() and rate() cover the span from the oldest kept sample to the newest."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.samples: deque = deque()
+
+    def add(self, now: float, values: dict) -> None:
+        if self.samples and any(values.get(k, 0) < v for k, v in self.samples[-1][1].items()):
+            self.samples.clear()  # a counter went backwards (probes reloaded): start again
+        self.samples.append((now, dict(values)))
+        # Keep one sample at or before the window's start so the span is the whole window.
+        while len(self.samples) >= 2 and self.samples[1][0] <= now - self.seconds:
+            self.samples.popleft()
+
+    def span(self) -> float:
+        return self.samples[-1][0] - self.samples[0][0] if len(self.samples) >= 2 else 0.0
+
+    def delta(self, key) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        return self.samples[-1][1].get(key, 0) - self.samples[0][1].get(key, 0)
+
+    def rate(self, key) -> float | None:
+        span = self.span()
+        return self.delta(key) / span if span > 0 else None
+
+    def deltas(self) -> dict:
+        """Every key's growth over the window, non-zero only."""
+        if len(self.samples) < 2:
+            return {}
+        first, last = self.samples[0][1], self.samples[-1][1]
+        return {k: v - first.get(k, 0) for k, v in last.items() if v - first.get(k, 0) > 0}
+
+
+class Detector:
+    """Fires when evaluate() first breaches; resolves once it has been clear for hold_down_seconds."""
+
+    kind = ""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.window_seconds = float(cfg["window_seconds"])
+        self.hold_down = float(cfg["hold_down_seconds"])
+        self.active = False
+        self.fired = 0
+        self._clear_since: float | None = None
+        self._peak: Verdict | None = None
+
+    def evaluate(self, sample: Sample) -> Verdict | None:
+        raise NotImplementedError
+
+    def step(self, sample: Sample) -> Event | None:
+        verdict = self.evaluate(sample)
+        if verdict is None:
+            return None
+        now = sample.time
+        if verdict.breach:
+            self._clear_since = None
+            if not self.active:
+                self.active = True
+                self.fired += 1
+                self._peak = verdict
+                return self._event(now, "firing", verdict, verdict.summary, verdict.details)
+            if verdict.value > self._peak.value:
+                self._peak = verdict
+            return None
+        if self.active:
+            if self._clear_since is None:
+                self._clear_since = now
+            if now - self._clear_since >= self.hold_down:
+                self.active = False
+                peak = self._peak
+                summary = (f"Resolved: {verdict.summary} (clear for {self.hold_down:g} s; "
+                           f"peak {_round(peak.value)})")
+                return self._event(now, "resolved", verdict, summary, dict(verdict.details, peak=_round(peak.value)))
+        return None
+
+    def _event(self, now, status, verdict, summary, details) -> Event:
+        return Event(now, self.kind, status, self.cfg["severity"], summary, verdict.value, verdict.threshold,
+                     self.window_seconds, details)
+
+
+def _top(counts: dict, n: int = 5) -> list:
+    return sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))[:n]
+
+
+class RstStorm(Detector):
+    """Resets per second (sent + received, and per direction) over the window above an absolute
+    rate, or above baseline_factor x the rate learned while quiet (after the warm-up)."""
+
+    kind = "rst_storm"
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.window = Window(self.window_seconds)
+        self.baseline: float | None = None
+        self._learned_for = 0.0
+        self._last: float | None = None
+
+    def evaluate(self, sample: Sample) -> Verdict | None:
+        if sample.counts is None:
+            return None
+        per_kind = {}
+        for (direction, state, reason), n in sample.counts.resets.items():
+            per_kind[(direction, state, reason)] = per_kind.get((direction, state, reason), 0) + n
+        values = dict(per_kind)
+        values["total"] = sum(per_kind.values())
+        for direction in ("sent", "received"):
+            values[direction] = sum(n for (d, _, _), n in per_kind.items() if d == direction)
+        self.window.add(sample.time, values)
+        total = self.window.rate("total")
+        if total is None:
+            return None
+        sent, received = self.window.rate("sent"), self.window.rate("received")
+        c = self.cfg
+        checks = [("resets", total, c["rate"]), ("sent resets", sent, c["sent_rate"]),
+                  ("received resets", received, c["received_rate"])]
+        breach = next(((what, v, thr) for what, v, thr in checks if thr > 0 and v >= thr), None)
+        learned = self.baseline is not None and self._learned_for >= c["baseline_warmup_seconds"]
+        if breach is None and learned and c["baseline_factor"] > 0:
+            thr = max(c["baseline_factor"] * self.baseline, c["baseline_min_rate"])
+            if total >= thr:
+                breach = (f"resets ({c['baseline_factor']:g}x the baseline of {self.baseline:.2f}/s)", total, thr)
+        if breach is None and not self.active:
+            self._learn(sample.time, total)
+        what, value, threshold = breach or ("resets", total, c["rate"])
+        top = [{"direction": d, "state": s, "reason": r, "resets": int(n)}
+               for (d, s, r), n in _top({k: v for k, v in self.window.deltas().items() if isinstance(k, tuple)})]
+        details = {"rate_per_second": {"total": _round(total), "sent": _round(sent), "received": _round(received)},
+                   "top_causes": top, "baseline_per_second": _round(self.baseline) if learned else None}
+        summary = (f"{what.capitalize()} at {value:.1f}/s over {self.window.span():.0f} s"
+                   f" ({'over' if breach else 'under'} {threshold:g}/s)")
+        if top:
+            t = top[0]
+            summary += f"; most {t['direction']} in {t['state']} ({t['reason']})"
+        return Verdict(breach is not None, value, threshold, summary, details)
+
+    def _learn(self, now: float, rate: float) -> None:
+        # An exponentially weighted mean with a time constant of the warm-up period.
+        dt = 0.0 if self._last is None else max(0.0, now - self._last)
+        self._last = now
+        if self.baseline is None:
+            self.baseline = rate
+            return
+        tau = max(self.cfg["baseline_warmup_seconds"], 1.0)
+        alpha = min(1.0, dt / tau)
+        self.baseline += alpha * (rate - self.baseline)
+        self._learned_for += dt
+
+
+class TimeWaitBuildup(Detector):
+    """TIME_WAIT sockets in a namespace above a count, a fraction of tcp_max_tw_buckets, or
+    growing faster than a rate; or an endpoint's port-exhaustion forecast above a utilization."""
+
+    kind = "time_wait_buildup"
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.windows: dict[str, Window] = {}
+        self._seen: dict[str, float] = {}
+
+    def evaluate(self, sample: Sample) -> Verdict | None:
+        if not sample.namespaces:
+            return None
+        c = self.cfg
+        findings = []  # (score relative to its threshold, what, value, threshold, netns, extra)
+        for label, ns in sorted(sample.namespaces.items()):
+            tw = ns.sockets.get("TIME_WAIT", 0)
+            window = self.windows.setdefault(label, Window(self.window_seconds))
+            if self._seen.get(label) != ns.finished:  # a new poll: one sample per poll
+                self._seen[label] = ns.finished
+                window.samples.append((ns.finished, {"tw": tw}))
+                while len(window.samples) >= 2 and window.samples[1][0] <= ns.finished - self.window_seconds:
+                    window.samples.popleft()
+            growth = window.rate("tw")
+            limit = ns.limits.time_wait_max
+            name = f"namespace {label!r}" if label else "the host's namespace"
+            if c["count"] > 0:
+                findings.append((tw / c["count"], f"{tw} TIME_WAIT sockets in {name}", tw, c["count"], label, {}))
+            if c["fraction"] > 0 and limit > 0:
+                findings.append((tw / limit / c["fraction"],
+                                 f"{tw} TIME_WAIT sockets in {name}, {tw / limit:.0%} of tcp_max_tw_buckets ({limit})",
+                                 tw / limit, c["fraction"], label, {}))
+            if c["growth_rate"] > 0 and growth is not None:
+                findings.append((growth / c["growth_rate"], f"TIME_WAIT in {name} growing by {growth:.0f}/s",
+                                 growth, c["growth_rate"], label, {}))
+            if c["utilization"] > 0:
+                for e in ns.endpoints:
+                    if e.forecast is None:
+                        continue
+                    u = e.forecast.utilization
+                    when = (f", exhausted in {e.forecast.seconds_to_exhaustion:.0f} s"
+                            if e.forecast.seconds_to_exhaustion is not None else "")
+                    findings.append((u / c["utilization"],
+                                     f"ephemeral ports to {e.remote} from {name} at {u:.0%} of the range{when}",
+                                     u, c["utilization"], label, {"remote": e.remote}))
+        if not findings:
+            return None
+        score, what, value, threshold, label, extra = max(findings, key=lambda f: f[0])
+        details = {"netns": label, **extra, "namespaces": {
+            lbl: {"time_wait": ns.sockets.get("TIME_WAIT", 0), "time_wait_limit": ns.limits.time_wait_max,
+                  "top_remote_endpoints": [{"remote": e.remote, "time_wait": e.time_wait, "other": e.other,
+                                            "utilization": _round(e.forecast.utilization) if e.forecast else None}
+                                           for e in ns.endpoints[:5]]}
+            for lbl, ns in sorted(sample.namespaces.items())}}
+        breach = score >= 1
+        return Verdict(breach, float(value), float(threshold),
+                       f"{what} ({'over' if breach else 'under'} the threshold {threshold:g})", details)
+
+
+class ConnectFailures(Detector):
+    """Failed handshakes per second (by reason) over the window above a rate, or as a fraction
+    of connect attempts once there are min_attempts of them."""
+
+    kind = "connect_failures"
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.window = Window(self.window_seconds)
+
+    def evaluate(self, sample: Sample) -> Verdict | None:
+        if sample.counts is None:
+            return None
+        counts = sample.counts
+        values = {f"fail:{r}": n for r, n in counts.failures.items()}
+        values["failures"] = sum(counts.failures.values())
+        values["attempts"] = counts.transitions.get(("CLOSE", "SYN_SENT"), 0)
+        self.window.add(sample.time, values)
+        rate = self.window.rate("failures")
+        if rate is None:
+            return None
+        c = self.cfg
+        failures, attempts = self.window.delta("failures"), self.window.delta("attempts")
+        fraction = failures / attempts if attempts else 0.0
+        by_reason = {k[5:]: int(v) for k, v in self.window.deltas().items() if k.startswith("fail:")}
+        details = {"rate_per_second": _round(rate), "failures": int(failures), "attempts": int(attempts),
+                   "by_reason": dict(_top(by_reason, 4))}
+        reasons = ", ".join(f"{n} {r}" for r, n in _top(by_reason, 4)) or "none"
+        if c["rate"] > 0 and rate >= c["rate"]:
+            return Verdict(True, rate, c["rate"], f"Connect failures at {rate:.1f}/s over {self.window.span():.0f} s "
+                           f"(over {c['rate']:g}/s): {reasons}", details)
+        if c["fraction"] > 0 and attempts >= c["min_attempts"] and fraction >= c["fraction"]:
+            return Verdict(True, fraction, c["fraction"],
+                           f"{fraction:.0%} of {int(attempts)} connects failed over {self.window.span():.0f} s "
+                           f"(over {c['fraction']:.0%}): {reasons}", details)
+        return Verdict(False, rate, c["rate"], f"Connect failures at {rate:.1f}/s (under {c['rate']:g}/s)", details)
+
+
+DETECTORS = {cls.kind: cls for cls in (RstStorm, TimeWaitBuildup, ConnectFailures)}
+
+
+def build(cfg: dict) -> list[Detector]:
+    """The enabled detectors of a config from config.load_detector_config()."""
+    return [cls(cfg[kind]) for kind, cls in DETECTORS.items() if cfg[kind]["enabled"]]
+
+
+class Engine:
+    """Ticks every interval in its own thread: one Sample from the sources, every detector
+    stepped, each event handed to every sink. Its counters feed tcpstate_anomal*."""
+
+    def __init__(self, detectors: list[Detector], read_counts, read_namespaces, sinks: list, interval: float,
+                 clock=None):
+        import time
+
+        self.detectors = detectors
+        self._read_counts = read_counts
+        self._read_namespaces = read_namespaces
+        self.sinks = sinks
+        self.interval = interval
+        self._clock = clock or time.time
+        self._thread = None
+        self._stop = None
+
+    def tick(self) -> list[Event]:
+        try:
+            counts = self._read_counts()
+        except Exception:  # a failed map read skips the counter detectors for one tick
+            log.exception("anomaly detectors: reading the in-kernel counters failed")
+            counts = None
+        sample = Sample(self._clock(), counts, dict(self._read_namespaces()))
+        events = [e for d in self.detectors if (e := d.step(sample)) is not None]
+        for event in events:
+            for sink in self.sinks:
+                try:
+                    sink(event)
+                except Exception:
+                    log.exception("anomaly event output failed")
+        return events
+
+    def fired(self) -> dict:
+        return {d.kind: d.fired for d in self.detectors}
+
+    def active(self) -> dict:
+        return {d.kind: d.active for d in self.detectors}
+
+    def start(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="anomaly", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import time
+
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.tick()
+            except Exception:  # a bug must not silently end detection
+                log.exception("anomaly tick failed")
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)

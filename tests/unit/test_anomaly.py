@@ -1,0 +1,289 @@
+"""Anomaly detectors on synthetic counter series: fire once, stay quiet below threshold, resolve after hold-down, learn a baseline."""
+
+import json
+
+import pytest
+
+from monitor import anomaly
+from monitor.aggregator import Counts
+from monitor.anomaly import ConnectFailures, Engine, Event, RstStorm, Sample, TimeWaitBuildup, Window
+from monitor.config import load_detector_config
+from monitor.forecast import forecast
+from monitor.kstats import Limits
+from monitor.statepoll import EndpointStat, NamespaceState
+
+T0 = 1_800_000_000.0
+
+
+def cfg(kind, **over):
+    c = load_detector_config()[kind]
+    c.update(over)
+    return c
+
+
+def counts(sent=0, received=0, failures=None, attempts=0):
+    c = Counts()
+    if sent:
+        c.resets[("sent", "NONE", "NO_SOCKET")] = sent
+    if received:
+        c.resets[("received", "SYN_SENT", "UNKNOWN")] = received
+    c.failures = dict(failures or {"refused": 0, "timeout": 0, "reset": 0, "other": 0})
+    c.transitions[("CLOSE", "SYN_SENT")] = attempts
+    return c
+
+
+def run_series(detector, rates, start=0, step=1.0, sent0=0):
+    """Feed per-tick reset increments (sent) one second apart; return [(t, event)]."""
+    out, total = [], sent0
+    for i, inc in enumerate(rates):
+        total += inc
+        t = T0 + (start + i) * step
+        e = detector.step(Sample(t, counts(sent=total)))
+        if e:
+            out.append((t - T0, e))
+    return out
+
+
+# --- Window ---------------------------------------------------------------------------------------
+
+def test_window_rate_covers_the_window():
+    w = Window(10)
+    for i in range(30):
+        w.add(T0 + i, {"n": 5 * i})
+    assert w.span() == 10 and w.rate("n") == 5.0 and w.delta("n") == 50
+
+
+def test_window_restarts_when_a_counter_goes_back():
+    w = Window(10)
+    w.add(T0, {"n": 100})
+    w.add(T0 + 1, {"n": 110})
+    w.add(T0 + 2, {"n": 3})
+    assert w.rate("n") is None
+    w.add(T0 + 3, {"n": 5})
+    assert w.rate("n") == 2.0
+
+
+# --- rst_storm ------------------------------------------------------------------------------------
+
+def test_rst_storm_fires_once_and_resolves_after_hold_down():
+    d = RstStorm(cfg("rst_storm", window_seconds=5.0, rate=100.0, hold_down_seconds=10.0, baseline_factor=0.0))
+    # 20 s quiet (1/s), 10 s storm (500/s), then quiet: the 5 s window last holds the
+    # storm's final second at t=33, so the condition is clear from t=34 and resolves 10 s later.
+    events = run_series(d, [1] * 20 + [500] * 10 + [1] * 40)
+    assert [(e.status, t) for t, e in events] == [("firing", 20.0), ("resolved", 34.0 + 10.0)]
+    firing = events[0][1]
+    assert firing.kind == "rst_storm" and firing.severity == "critical" and firing.threshold == 100.0
+    assert firing.value >= 100 and firing.window_seconds == 5.0
+    assert firing.details["top_causes"][0] == {"direction": "sent", "state": "NONE", "reason": "NO_SOCKET",
+                                               "resets": firing.details["top_causes"][0]["resets"]}
+    assert "sent in NONE (NO_SOCKET)" in firing.summary
+    resolved = events[1][1]
+    assert resolved.details["peak"] == 500.0 and resolved.summary.startswith("Resolved: ")
+    assert d.fired == 1 and not d.active
+
+
+def test_rst_storm_quiet_below_threshold():
+    d = RstStorm(cfg("rst_storm", window_seconds=5.0, rate=100.0, baseline_factor=0.0))
+    assert run_series(d, [99] * 60) == []
+
+
+def test_rst_storm_stays_firing_through_a_short_lull():
+    d = RstStorm(cfg("rst_storm", window_seconds=2.0, rate=100.0, hold_down_seconds=10.0, baseline_factor=0.0))
+    events = run_series(d, [500] * 10 + [0] * 5 + [500] * 10 + [0] * 30)
+    assert [e.status for _, e in events] == ["firing", "resolved"]
+
+
+def test_rst_storm_per_direction_threshold():
+    d = RstStorm(cfg("rst_storm", window_seconds=5.0, rate=0.0, received_rate=10.0, baseline_factor=0.0))
+    total_r = 0
+    fired = []
+    for i in range(20):
+        total_r += 20 if i >= 10 else 0
+        e = d.step(Sample(T0 + i, counts(sent=1000 * i, received=total_r)))  # sent is not watched
+        if e:
+            fired.append((i, e))
+    # 20 received/s: the 5 s window averages 4/s at i=10, 8/s at 11, 12/s at 12
+    assert [(i, e.status) for i, e in fired] == [(12, "firing")]
+    assert fired[0][1].summary.startswith("Received resets at ")
+
+
+def test_rst_storm_learns_a_baseline_then_fires_on_a_multiple():
+    c = cfg("rst_storm", window_seconds=5.0, rate=0.0, baseline_factor=5.0, baseline_min_rate=10.0,
+            baseline_warmup_seconds=60.0, hold_down_seconds=5.0)
+    d = RstStorm(c)
+    # 120 s at 20/s: learned.
+    assert run_series(d, [20] * 120) == [] and d.baseline == pytest.approx(20)
+    # 60/s (3x) is quiet, though the baseline drifts up toward it (to ~26 after 10 s).
+    assert run_series(d, [60] * 10, start=120, sent0=20 * 120) == []
+    assert 20 < d.baseline < 30
+    # 250/s (about 9x) fires once the window's average passes 5x, and resolves after.
+    events = run_series(d, [250] * 10 + [20] * 30, start=130, sent0=20 * 120 + 600)
+    assert [e.status for _, e in events] == ["firing", "resolved"]
+    firing = events[0][1]
+    assert firing.threshold == pytest.approx(5 * firing.details["baseline_per_second"], rel=0.01)
+    assert "baseline" in firing.summary
+
+
+def test_rst_storm_baseline_not_used_during_warm_up():
+    d = RstStorm(cfg("rst_storm", window_seconds=5.0, rate=0.0, baseline_factor=5.0, baseline_min_rate=1.0,
+                     baseline_warmup_seconds=300.0))
+    assert run_series(d, [1] * 30 + [100] * 10) == []  # 100x, but not learned yet
+
+
+def test_rst_storm_baseline_min_rate_guards_a_tiny_baseline():
+    d = RstStorm(cfg("rst_storm", window_seconds=5.0, rate=0.0, baseline_factor=5.0, baseline_min_rate=50.0,
+                     baseline_warmup_seconds=10.0))
+    assert run_series(d, [0] * 60 + [20] * 20) == []  # infinitely many times 0, but under 50/s
+
+
+def test_rst_storm_needs_counts():
+    d = RstStorm(cfg("rst_storm"))
+    assert d.step(Sample(T0, None)) is None and d.step(Sample(T0 + 1, None)) is None
+
+
+# --- connect_failures -----------------------------------------------------------------------------
+
+def fail_counts(refused, attempts):
+    return counts(failures={"refused": refused, "timeout": 0, "reset": 0, "other": 0}, attempts=attempts)
+
+
+def test_connect_failures_rate():
+    d = ConnectFailures(cfg("connect_failures", window_seconds=5.0, rate=10.0, fraction=0.0, hold_down_seconds=3.0))
+    events, refused = [], 0
+    for i in range(40):
+        refused += 50 if 10 <= i < 20 else 0
+        e = d.step(Sample(T0 + i, fail_counts(refused, 1000 + 10 * i + refused)))
+        if e:
+            events.append((i, e))
+    # the 5 s window last holds a failure at i=23: clear from 24, resolved 3 s later
+    assert [(i, e.status) for i, e in events] == [(10, "firing"), (27, "resolved")]
+    e = events[0][1]
+    assert e.details["by_reason"] == {"refused": 50} and "50 refused" in e.summary
+
+
+def test_connect_failures_fraction_needs_min_attempts():
+    d = ConnectFailures(cfg("connect_failures", window_seconds=10.0, rate=0.0, fraction=0.5, min_attempts=10))
+    # 6 attempts, all failed: a fraction of 1, but too few to judge
+    assert all(d.step(Sample(T0 + i, fail_counts(i, i))) is None for i in range(7))
+    d = ConnectFailures(cfg("connect_failures", window_seconds=10.0, rate=0.0, fraction=0.5, min_attempts=10))
+    fired = [e for i in range(20) if (e := d.step(Sample(T0 + i, fail_counts(i, 2 * i))))]
+    assert [e.status for e in fired] == ["firing"] and fired[0].value == 0.5
+
+
+def test_connect_failures_quiet_below():
+    d = ConnectFailures(cfg("connect_failures", window_seconds=5.0, rate=10.0, fraction=0.5))
+    assert all(d.step(Sample(T0 + i, fail_counts(9 * i, 100 * i))) is None for i in range(30))
+
+
+# --- time_wait_buildup ----------------------------------------------------------------------------
+
+LIMITS = Limits(time_wait_max=1000, port_first=40000, port_last=40999)
+
+
+def ns_state(tw, finished, endpoints=()):
+    sockets = {"TIME_WAIT": tw, "ESTABLISHED": 3}
+    return NamespaceState("", sockets, (), LIMITS, {}, tuple(endpoints), 0.01, 0.01, finished)
+
+
+def test_time_wait_fraction_of_the_limit():
+    d = TimeWaitBuildup(cfg("time_wait_buildup", fraction=0.5, utilization=0.0, hold_down_seconds=10.0))
+    series = [100, 300, 499, 500, 700, 600, 400, 400, 400, 400]
+    events = []
+    for i, tw in enumerate(series):
+        for k in range(5):  # the detector ticks 5 times per poll
+            t = T0 + 5 * i + k
+            e = d.step(Sample(t, None, {"": ns_state(tw, T0 + 5 * i)}))
+            if e:
+                events.append((t - T0, e))
+    assert [(t, e.status) for t, e in events] == [(15.0, "firing"), (40.0, "resolved")]
+    e = events[0][1]
+    assert e.value == 0.5 and e.threshold == 0.5 and e.details["netns"] == ""
+    assert "500 TIME_WAIT sockets in the host's namespace, 50% of tcp_max_tw_buckets (1000)" in e.summary
+
+
+def test_time_wait_count_and_growth():
+    d = TimeWaitBuildup(cfg("time_wait_buildup", count=0, fraction=0.0, utilization=0.0, growth_rate=20.0,
+                            window_seconds=10.0))
+    fired = []
+    for i in range(12):
+        tw = 10 * i if i < 6 else 60 + 50 * (i - 5)  # 10/s, then 50/s
+        e = d.step(Sample(T0 + i, None, {"blue": ns_state(tw, T0 + i)}))
+        if e:
+            fired.append((i, e))
+    assert [(i, e.status) for i, e in fired] == [(7, "firing")]
+    assert fired[0][1].details["netns"] == "blue" and "namespace 'blue' growing" in fired[0][1].summary
+    d = TimeWaitBuildup(cfg("time_wait_buildup", count=800, fraction=0.0, utilization=0.0))
+    assert d.step(Sample(T0, None, {"": ns_state(799, T0)})) is None
+    assert d.step(Sample(T0 + 1, None, {"": ns_state(800, T0 + 1)})).status == "firing"
+
+
+def test_time_wait_forecast_utilization():
+    fc = forecast(1000, 200, 50, 15.0)  # demand 950: utilization 0.95
+    ep = EndpointStat("198.18.0.2:80", 200, 50, 15.0, fc)
+    d = TimeWaitBuildup(cfg("time_wait_buildup", fraction=0.0, utilization=0.9))
+    e = d.step(Sample(T0, None, {"": ns_state(250, T0, [ep])}))
+    assert e.status == "firing" and e.value == pytest.approx(0.95) and e.details["remote"] == "198.18.0.2:80"
+    assert "ephemeral ports to 198.18.0.2:80" in e.summary
+
+
+# --- events and the engine ------------------------------------------------------------------------
+
+def test_event_json_schema():
+    e = Event(T0 + 0.25, "rst_storm", "firing", "critical", "Resets at 500/s", 500.123456, 100.0, 10.0,
+              {"top_causes": []})
+    obj = json.loads(e.to_json())
+    assert list(obj) == ["time", "kind", "status", "severity", "summary", "value", "threshold", "window_seconds",
+                         "details"]
+    assert obj["time"] == "2027-01-15T08:00:00.250Z" and obj["value"] == 500.123
+    assert "\n" not in e.to_json()
+
+
+def test_engine_sends_events_to_every_sink_and_survives_a_bad_one():
+    got = []
+
+    def bad(_event):
+        raise RuntimeError("sink down")
+
+    det = RstStorm(cfg("rst_storm", window_seconds=2.0, rate=10.0, baseline_factor=0.0))
+    series = iter([counts(sent=n) for n in (0, 100, 200, 300)])
+    clock = iter([T0, T0 + 1, T0 + 2, T0 + 3])
+    eng = Engine([det], lambda: next(series), lambda: {}, [bad, got.append], 1.0, clock=lambda: next(clock))
+    assert eng.tick() == []
+    fired = eng.tick()
+    assert [e.status for e in fired] == ["firing"] and got == fired
+    assert eng.fired() == {"rst_storm": 1} and eng.active() == {"rst_storm": True}
+
+
+def test_engine_counts_unreadable():
+    det = RstStorm(cfg("rst_storm"))
+
+    def broken():
+        raise OSError("map gone")
+
+    eng = Engine([det], broken, lambda: {}, [], 1.0, clock=lambda: T0)
+    assert eng.tick() == []
+
+
+def test_build_honours_enabled():
+    c = load_detector_config(overrides=("rst_storm.enabled=false",))
+    assert [d.kind for d in anomaly.build(c)] == ["time_wait_buildup", "connect_failures"]
+
+
+def test_anomaly_metrics():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from monitor.collector import AnomalyCollector
+
+    class Hook:
+        sent, failed, dropped = 4, 1, 2
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(AnomalyCollector(list(anomaly.DETECTORS), lambda: {"rst_storm": 3}, lambda: {"rst_storm": True},
+                                  Hook()))
+    assert reg.get_sample_value("tcpstate_anomalies_total", {"kind": "rst_storm"}) == 3
+    assert reg.get_sample_value("tcpstate_anomalies_total", {"kind": "connect_failures"}) == 0
+    assert reg.get_sample_value("tcpstate_anomaly_active", {"kind": "rst_storm"}) == 1
+    assert reg.get_sample_value("tcpstate_anomaly_active", {"kind": "time_wait_buildup"}) == 0
+    assert reg.get_sample_value("tcpstate_anomaly_webhook_events_total", {"result": "dropped"}) == 2
+    text = generate_latest(reg).decode()
+    assert '# TYPE tcpstate_anomaly_active gauge\ntcpstate_anomaly_active{kind="rst_storm"} 1.0\n' in text
