@@ -1,0 +1,110 @@
+"""The daemon's anomaly detectors on real traffic: a burst of refused connects fires rst_storm and
+connect_failures and resolves after it stops; TIME_WAIT over a low threshold fires time_wait_buildup."""
+
+import json
+import queue
+import subprocess
+import threading
+import time
+
+import pytest
+
+from . import traffic
+from .netns import NetnsPair, netns_path
+from .test_daemon import TCPSTATE, free_port, get, samples, wait_ready
+
+WINDOW, HOLD_DOWN, TICK = 2.0, 2.0, 0.5
+BURST = 300  # refused connects: a reset sent by the server and one received by the client each
+
+
+@pytest.fixture(scope="module")
+def pair():
+    p = NetnsPair("an")
+    p.down()
+    p.up()
+    # A small TIME_WAIT limit in the client's namespace only, so a few sockets reach a fraction
+    # of it there and nowhere else.
+    subprocess.run(["ip", "netns", "exec", p.client, "sysctl", "-qw", "net.ipv4.tcp_max_tw_buckets=40"], check=True)
+    yield p
+    p.down()
+
+
+@pytest.fixture
+def daemon(pair):
+    port = free_port()
+    args = [TCPSTATE, "run", "--listen-address", f"127.0.0.1:{port}", "--include-cidr", "198.18.0.0/15",
+            "--state-interval", "0.5", "--netns", netns_path(pair.client),
+            "--set", f"anomaly.interval_seconds={TICK}",
+            "--set", f"rst_storm.window_seconds={WINDOW}", "--set", f"rst_storm.hold_down_seconds={HOLD_DOWN}",
+            "--set", "rst_storm.rate=50", "--set", "rst_storm.baseline_factor=0",
+            "--set", f"connect_failures.window_seconds={WINDOW}", "--set", f"connect_failures.hold_down_seconds={HOLD_DOWN}",
+            "--set", "time_wait_buildup.fraction=0.25", "--set", "time_wait_buildup.utilization=0"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events: queue.Queue = queue.Queue()
+
+    def read():
+        for line in proc.stdout:
+            events.put((time.monotonic(), json.loads(line)))
+
+    threading.Thread(target=read, daemon=True).start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc)
+        yield base, events
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert proc.returncode == 0, proc.stderr.read()
+
+
+def next_event(events, kind, status, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {kind} {status} event within {timeout} s"
+        try:
+            t, e = events.get(timeout=left)
+        except queue.Empty:
+            continue
+        if e["kind"] == kind and e["status"] == status:
+            return t, e
+
+
+def test_refused_connect_burst_fires_and_resolves(pair, daemon):
+    base, events = daemon
+    before = samples(get(base + "/metrics")[1])
+    t0 = time.monotonic()
+    traffic.refused(pair.client, pair.SERVER_ADDR, 9, BURST)
+    t1 = time.monotonic()
+    # Fires within the burst plus one window and one tick (and a second for scheduling).
+    t_fire, fire = next_event(events, "rst_storm", "firing", (t1 - t0) + WINDOW + TICK + 1.0)
+    assert fire["severity"] == "critical" and fire["threshold"] == 50 and fire["value"] >= 50
+    assert fire["window_seconds"] == WINDOW
+    causes = {(c["direction"], c["state"], c["reason"]) for c in fire["details"]["top_causes"]}
+    assert {("sent", "NONE", "NO_SOCKET"), ("received", "SYN_SENT", "UNKNOWN")} <= causes
+    assert fire["time"].endswith("Z") and fire["summary"].startswith("Resets at ")
+    _, failing = next_event(events, "connect_failures", "firing", WINDOW + TICK + 1.0)
+    assert failing["details"]["by_reason"].get("refused", 0) > 0
+    # Resolves once the window has emptied and the hold-down has passed.
+    t_res, res = next_event(events, "rst_storm", "resolved", WINDOW + HOLD_DOWN + 2 * TICK + 2.0)
+    assert t_res - t1 >= HOLD_DOWN and res["details"]["peak"] >= fire["value"]
+    after = samples(get(base + "/metrics")[1])
+    resets = sum(v for (name, labels), v in after.items() if name == "tcpstate_resets_total") - \
+        sum(v for (name, labels), v in before.items() if name == "tcpstate_resets_total")
+    assert resets == 2 * BURST  # the counters stay exact
+    assert after[("tcpstate_anomalies_total", (("kind", "rst_storm"),))] == 1
+    assert after[("tcpstate_anomaly_active", (("kind", "rst_storm"),))] == 0
+    assert after[("tcpstate_anomalies_total", (("kind", "connect_failures"),))] == 1
+
+
+def test_time_wait_over_a_fraction_of_the_limit_fires(pair, daemon):
+    base, events = daemon
+    with traffic.Listener(pair.server, pair.SERVER_ADDR) as lst:
+        traffic.client_closes_first(pair.client, lst, 20)  # 20 of 40: half the client's limit
+    _, e = next_event(events, "time_wait_buildup", "firing", 5.0)
+    assert e["details"]["netns"] == pair.client and e["threshold"] == 0.25 and e["value"] >= 0.25
+    assert f"namespace '{pair.client}'" in e["summary"] and "of tcp_max_tw_buckets (40)" in e["summary"]
+    ns = e["details"]["namespaces"][pair.client]
+    assert ns["time_wait_limit"] == 40 and ns["time_wait"] >= 10
+    s = samples(get(base + "/metrics")[1])
+    assert s[("tcpstate_anomaly_active", (("kind", "time_wait_buildup"),))] == 1
