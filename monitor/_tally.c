@@ -40,6 +40,7 @@ enum {
 	TALLY_DUMP_ERROR = 5,    /* errnum: NLMSG_ERROR */
 	TALLY_PARTIAL_ERROR = 6, /* errnum: an errno inside NLMSG_DONE */
 	TALLY_NOMEM = 7,
+	TALLY_BAD_ERRNO = 8, /* errnum: the raw value, not a negative errno */
 };
 
 struct tcpstate_tally_error {
@@ -166,7 +167,7 @@ static struct tcpstate_endpoint *endpoint_entry(struct tcpstate_tally *t, const 
 
 static int is_full_socket(const uint8_t *rec, uint32_t length)
 {
-	uint32_t pos = RECORD;
+	uint64_t pos = RECORD;
 	while (pos + 4 <= length) {
 		uint16_t nla_len, nla_type;
 		memcpy(&nla_len, rec + pos, 2);
@@ -203,9 +204,9 @@ static int count_record(struct tcpstate_tally *t, const uint8_t *rec, uint32_t l
 	key.used = 1;
 	key.family = rec[OFF_FAMILY];
 	key.port = (uint16_t)(rec[OFF_DPORT] << 8 | rec[OFF_DPORT + 1]);
-	if (key.family == AF_INET_) {
+	if (key.family != AF_INET6_) { /* IPv4 (and, as in Python, any family but IPv6): 4 bytes */
 		memcpy(key.addr, rec + OFF_DST, 4);
-	} else if (key.family == AF_INET6_ && !memcmp(rec + OFF_DST, v4_mapped, 12)) {
+	} else if (!memcmp(rec + OFF_DST, v4_mapped, 12)) {
 		/* A dual-stack socket talking to an IPv4 peer: the same endpoint as over IPv4. */
 		key.family = AF_INET_;
 		memcpy(key.addr, rec + OFF_DST + 12, 4);
@@ -220,8 +221,9 @@ static int count_record(struct tcpstate_tally *t, const uint8_t *rec, uint32_t l
 	} else {
 		uint32_t expires;
 		memcpy(&expires, rec + OFF_EXPIRES, 4);
-		/* A TIME_WAIT timer starts at 60 s: at least recent_ms left means a recent entry. */
-		if (t->recent_ms < 0 || expires >= (uint64_t)t->recent_ms)
+		/* A TIME_WAIT timer starts at 60 s: at least recent_ms left means a recent entry. It
+		 * fits 16 bits; only those are compared, as the Python decoder does. */
+		if (t->recent_ms < 0 || (expires & 0xFFFF) >= (uint64_t)t->recent_ms)
 			e->time_wait_recent++;
 		else
 			e->time_wait_older++;
@@ -229,11 +231,19 @@ static int count_record(struct tcpstate_tally *t, const uint8_t *rec, uint32_t l
 	return 0;
 }
 
-/* Count every record of one datagram of a dump. Control messages end a datagram. */
+static int bad_errno(int32_t e)
+{
+	return e >= 0 || e <= -4096; /* the kernel's errnos are -1 .. -4095 */
+}
+
+/* Count every record of one datagram of a dump. As in sockdiag.split_records, the first message
+ * that is not a record ends the records of a datagram: after it only NLMSG_DONE or NLMSG_ERROR
+ * matter. */
 int tcpstate_tally_chunk(struct tcpstate_tally *t, const uint8_t *buf, uint64_t n,
 			 struct tcpstate_tally_error *err)
 {
 	uint64_t off = 0;
+	int records = 1;
 	while (off + NLMSG_HDRLEN <= n) {
 		uint32_t length;
 		uint16_t kind;
@@ -245,6 +255,10 @@ int tcpstate_tally_chunk(struct tcpstate_tally *t, const uint8_t *buf, uint64_t 
 			return TALLY_MALFORMED;
 		}
 		if (kind == TCPDIAG_GETSOCK || kind == SOCK_DIAG_BY_FAMILY) {
+			if (!records) {
+				off += ((uint64_t)length + 3) & ~(uint64_t)3;
+				continue;
+			}
 			if (length < RECORD) {
 				err->length = length;
 				return TALLY_SHORT_RECORD;
@@ -257,8 +271,8 @@ int tcpstate_tally_chunk(struct tcpstate_tally *t, const uint8_t *buf, uint64_t 
 				int32_t e;
 				memcpy(&e, buf + off + NLMSG_HDRLEN, 4);
 				if (e < 0) {
-					err->errnum = -e;
-					return TALLY_PARTIAL_ERROR;
+					err->errnum = e;
+					return bad_errno(e) ? TALLY_BAD_ERRNO : TALLY_PARTIAL_ERROR;
 				}
 			}
 			return TALLY_DONE;
@@ -270,10 +284,12 @@ int tcpstate_tally_chunk(struct tcpstate_tally *t, const uint8_t *buf, uint64_t 
 			}
 			memcpy(&e, buf + off + NLMSG_HDRLEN, 4);
 			if (e) {
-				err->errnum = -e;
-				return TALLY_DUMP_ERROR;
+				err->errnum = e;
+				return bad_errno(e) ? TALLY_BAD_ERRNO : TALLY_DUMP_ERROR;
 			}
 			return TALLY_DONE;
+		} else {
+			records = 0;
 		}
 		off += ((uint64_t)length + 3) & ~(uint64_t)3;
 	}

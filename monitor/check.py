@@ -61,7 +61,7 @@ def run_checks(compile_test: bool = True) -> list[Item]:
         items.append(Item("OK", "socket-table counter", f"C helper loaded from {native.LIBRARY}"))
     else:
         items.append(Item("WARN", "socket-table counter",
-                          f"{native.UNAVAILABLE}: polls fall back to Python at about twice the CPU"))
+                          f"{native.UNAVAILABLE}: polls fall back to Python, at more CPU (README, Performance)"))
 
     if not compile_test:
         return items

@@ -228,7 +228,7 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, s
         if native.LIB is not None:
             log.info("socket tables: counted in C (%s)", native.LIBRARY)
         else:
-            log.warning("socket tables: counted in Python, at about twice the CPU per poll: %s", native.UNAVAILABLE)
+            log.warning("socket tables: counted in Python, at more CPU per poll (README, Performance): %s", native.UNAVAILABLE)
         poller = StatePoller(targets, state_interval, top_n, forecast_window)
         registry.register(StateCollector(poller.results, poller.errors, time.time))
         poller.start()

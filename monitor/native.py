@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import socket
 from array import array
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 LIBRARY = Path(__file__).with_name("_tally.so")
 
 # Return codes of tcpstate_tally_chunk (keep in step with _tally.c).
-MORE, DONE, MALFORMED, SHORT_RECORD, SHORT_ERROR, DUMP_ERROR, PARTIAL_ERROR, NOMEM = range(8)
+MORE, DONE, MALFORMED, SHORT_RECORD, SHORT_ERROR, DUMP_ERROR, PARTIAL_ERROR, NOMEM, BAD_ERRNO = range(9)
 SIDES = {"local": 0, "remote": 1}
 
 
@@ -94,6 +95,8 @@ class NativeTally:
         Raises SockDiagError as sockdiag.split_records does."""
         from .sockdiag import SockDiagError  # sockdiag imports this module
 
+        if not self._t:
+            raise RuntimeError("the tally is finished")
         if length > len(buf):
             raise ValueError("length beyond the buffer")
         ptr = buf if isinstance(buf, bytes) else _address(buf)
@@ -110,9 +113,11 @@ class NativeTally:
         if rc == SHORT_ERROR:
             raise SockDiagError(errno.EBADMSG, f"short NLMSG_ERROR at offset {e.offset}")
         if rc == DUMP_ERROR:
-            raise SockDiagError(e.errnum, f"sock_diag dump: {os.strerror(e.errnum)}")
+            raise SockDiagError(-e.errnum, f"sock_diag dump: {os.strerror(-e.errnum)}")
         if rc == PARTIAL_ERROR:
-            raise SockDiagError(e.errnum, f"sock_diag dump failed part way: {os.strerror(e.errnum)}")
+            raise SockDiagError(-e.errnum, f"sock_diag dump failed part way: {os.strerror(-e.errnum)}")
+        if rc == BAD_ERRNO:
+            raise SockDiagError(errno.EBADMSG, f"malformed error code {e.errnum} in a sock_diag dump")
         raise MemoryError("counting sock_diag endpoints")
 
     def finish(self, top_n: int | None = None, rank_window: float = 0.0) -> "NativeTally":
@@ -124,6 +129,8 @@ class NativeTally:
         from .forecast import TIME_WAIT_SECONDS
         from .sockdiag import endpoint
 
+        if not self._t:
+            raise RuntimeError("the tally is finished")
         try:
             states = array("Q", bytes(8 * 13))
             LIB.tcpstate_tally_states(self._t, _address(states))
@@ -151,7 +158,7 @@ class NativeTally:
             LIB.tcpstate_tally_free(self._t)
             self._t = None
         for e in entries[:n]:
-            key = endpoint(e.family, bytes(e.addr), e.port)
+            key = endpoint(e.family, bytes(e.addr) if e.family == socket.AF_INET6 else bytes(e.addr[:4]), e.port)
             if e.time_wait_recent + e.time_wait_older:
                 self.remote_time_wait[key] += e.time_wait_recent + e.time_wait_older
             if e.time_wait_recent and self.recent_ms is not None:

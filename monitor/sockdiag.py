@@ -67,7 +67,9 @@ def endpoint_label(key: tuple[int, bytes, int]) -> str:
     family, addr, port = key
     if family == socket.AF_INET:
         return f"{socket.inet_ntop(socket.AF_INET, addr)}:{port}"
-    return f"[{socket.inet_ntop(socket.AF_INET6, addr)}]:{port}"
+    if family == socket.AF_INET6 and len(addr) == 16:
+        return f"[{socket.inet_ntop(socket.AF_INET6, addr)}]:{port}"
+    return f"family{family}:{addr.hex()}:{port}"  # not from the kernel; a label all the same
 
 
 class SockDiagError(OSError):
@@ -159,6 +161,11 @@ def split_records(chunk: bytes) -> tuple[list, bool]:
     return runs, done
 
 
+def _check_errno(code: int) -> None:
+    if not -4096 < code < 0:  # the kernel's errnos are -1 .. -4095
+        raise SockDiagError(errno.EBADMSG, f"malformed error code {code} in a sock_diag dump")
+
+
 def _control(chunk: bytes, off: int) -> bool:
     """Handle the control messages from off on: True at NLMSG_DONE, raise at NLMSG_ERROR."""
     n = len(chunk)
@@ -169,16 +176,18 @@ def _control(chunk: bytes, off: int) -> bool:
         if kind == NLMSG_DONE:
             # A dump that failed part way ends with the negative errno in NLMSG_DONE.
             if length >= NLMSG_HDR.size + 4:
-                err = -struct.unpack_from("=i", chunk, off + NLMSG_HDR.size)[0]
-                if err > 0:
-                    raise SockDiagError(err, f"sock_diag dump failed part way: {os.strerror(err)}")
+                code = struct.unpack_from("=i", chunk, off + NLMSG_HDR.size)[0]
+                if code < 0:
+                    _check_errno(code)
+                    raise SockDiagError(-code, f"sock_diag dump failed part way: {os.strerror(-code)}")
             return True
         if kind == NLMSG_ERROR:
             if length < NLMSG_HDR.size + 4:
                 raise SockDiagError(errno.EBADMSG, f"short NLMSG_ERROR at offset {off}")
-            err = -struct.unpack_from("=i", chunk, off + NLMSG_HDR.size)[0]
-            if err:
-                raise SockDiagError(err, f"sock_diag dump: {os.strerror(err)}")
+            code = struct.unpack_from("=i", chunk, off + NLMSG_HDR.size)[0]
+            if code:
+                _check_errno(code)
+                raise SockDiagError(-code, f"sock_diag dump: {os.strerror(-code)}")
             return True
         off += (length + 3) & ~3
     return False

@@ -108,3 +108,83 @@ def test_time_wait_over_a_fraction_of_the_limit_fires(pair, daemon):
     assert ns["time_wait_limit"] == 40 and ns["time_wait"] >= 10
     s = samples(get(base + "/metrics")[1])
     assert s[("tcpstate_anomaly_active", (("kind", "time_wait_buildup"),))] == 1
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+STORM_SECONDS = 60  # at most; the alert fires about 35 s in
+
+
+def test_prometheus_fires_the_storm_alert(pair, daemon, tmp_path):
+    """A real Prometheus (Debian's) scrapes the daemon every second with deploy/prometheus/alerts.yml
+    loaded unchanged; a reset storm must show as a firing TcpstateRstStorm in its API."""
+    import shutil
+    import urllib.parse
+
+    base, _ = daemon
+    prometheus = shutil.which("prometheus")
+    assert prometheus, "prometheus missing: make setup installs Debian's prometheus package"
+    port = free_port()
+    target = base.removeprefix("http://")
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: ['{ROOT / 'deploy/prometheus/alerts.yml'}']\n"
+        f"scrape_configs: [{{job_name: tcpstate, static_configs: [{{targets: ['{target}']}}]}}]\n")
+    prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    api = f"http://127.0.0.1:{port}/api/v1"
+
+    def query(expr):
+        status, body = get(f"{api}/query?query={urllib.parse.quote(expr)}")
+        assert status == 200, body
+        return json.loads(body)["data"]["result"]
+
+    def storm_alert():
+        status, body = get(f"{api}/alerts")
+        assert status == 200, body
+        return [a for a in json.loads(body)["data"]["alerts"] if a["labels"]["alertname"] == "TcpstateRstStorm"]
+
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the target is up before the storm
+            assert prom.poll() is None, prom.stderr.read()
+            try:
+                if query('up{job="tcpstate"} == 1'):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError("Prometheus never scraped tcpstate")
+        assert storm_alert() == []
+        # A sustained storm, as a real one is: 200 refused connects (400 resets) per second, in a
+        # thread, bounded by STORM_SECONDS; the alert must be firing before it ends.
+        done = threading.Event()
+
+        def storm():
+            end = time.monotonic() + STORM_SECONDS
+            while time.monotonic() < end and not done.is_set():
+                t = time.monotonic()
+                traffic.refused(pair.client, pair.SERVER_ADDR, 9, 20)
+                time.sleep(max(0.0, 0.1 - (time.monotonic() - t)))
+
+        stormer = threading.Thread(target=storm, daemon=True)
+        t0 = time.monotonic()
+        stormer.start()
+        try:
+            alerts = []
+            while stormer.is_alive():  # the rule's `for: 30s` after rate(...[1m]) passes 100/s
+                alerts = storm_alert()
+                if alerts and alerts[0]["state"] == "firing":
+                    break
+                time.sleep(1.0)
+        finally:
+            done.set()
+            stormer.join(timeout=10)
+        assert alerts and alerts[0]["state"] == "firing", (alerts, time.monotonic() - t0)
+        assert alerts[0]["labels"]["severity"] == "critical" and alerts[0]["labels"]["instance"] == target
+        assert alerts[0]["annotations"]["summary"] == f"TCP reset storm on {target}"
+        assert float(query("sum(rate(tcpstate_resets_total[1m]))")[0]["value"][1]) > 100
+    finally:
+        prom.terminate()
+        prom.wait(timeout=20)

@@ -135,7 +135,7 @@ class ReplaySocket:
 
 
 def counting_only() -> list:
-    """CPU of counting a recorded dump (no kernel), in C and in Python, by distinct endpoints."""
+    """CPU of counting a generated dump (no kernel), in C and in Python, by distinct endpoints."""
     rows = []
     for family in (socket.AF_INET, socket.AF_INET6):
         for distinct in SYNTH_DISTINCT:
@@ -184,7 +184,7 @@ def main() -> int:
         assert m["time_wait"] == m["ss"], m  # the poll and ss agree
         print(f"| {m['time_wait']} | {m['family']} | {m['cpu_med']:.1f} | {m['cpu_max']:.1f} | {m['wall_med']:.1f} "
               f"| {m['wall_max']:.1f} | {m['ss_ms']:.0f} |")
-    print(f"\nCounting alone: a recorded dump of {SYNTH_RECORDS} TIME_WAIT records replayed, no kernel "
+    print(f"\nCounting alone: a generated dump of {SYNTH_RECORDS} TIME_WAIT records replayed, no kernel "
           "(median of 5, CPU ms)\n")
     print("| family | distinct remote endpoints | C counter | Python fallback |")
     print("|---|---:|---:|---:|")

@@ -483,6 +483,42 @@ def test_the_c_counter_missing_or_broken_is_explained(tmp_path, monkeypatch):
     assert lib is None and why.startswith(f"{tmp_path / '_tally.so'}: ") and "\n" not in why
 
 
+def test_native_tally_refuses_use_after_finish():
+    t = native.NativeTally(None, None)
+    chunk = mini(AF_INET, TIME_WAIT, 40000, 80, V4[0]) + done()
+    t.feed(chunk, len(chunk))
+    t.finish()
+    with pytest.raises(RuntimeError):
+        t.feed(chunk, len(chunk))
+    with pytest.raises(RuntimeError):
+        t.finish()
+    t.close()  # harmless
+
+
+@pytest.mark.parametrize("code", [-2**31, -4096, 5, 2**31 - 1])
+def test_out_of_range_error_codes_are_malformed(code):
+    for msg in (struct.pack("=IHHIIi", 20, sockdiag.NLMSG_DONE, 2, 1, 0, code) if code < 0 else None,
+                struct.pack("=IHHIIi", 20, sockdiag.NLMSG_ERROR, 0, 1, 0, code)):
+        if msg is None:
+            continue
+        with pytest.raises(SockDiagError) as exc:
+            decode_both(msg)
+        assert exc.value.errno == errno.EBADMSG and f"malformed error code {code}" in str(exc.value)
+
+
+def test_c_and_python_agree_on_crafted_input():
+    # Not what the kernel sends, but both decoders must read it alike: a message of another
+    # type ends the records of a datagram; a family other than IPv6 keys 4 address bytes;
+    # a TIME_WAIT timer is compared on its low 16 bits.
+    noop = HDR.pack(16, 1, 0, 1, 0)
+    tw = mini(AF_INET, TIME_WAIT, 40000, 80, V4[0], expires=0x10005)
+    odd = record(7, TIME_WAIT, 40001, 80, MAPPED[0], 96, expires=40000)
+    for chunks, counted in (([noop + tw + done()], 0), ([tw + noop + tw + done()], 1), ([odd + tw + done()], 2)):
+        t = tally_of(chunks, (40000, 40100), 30000)  # asserts C == Python
+        assert t.states[TIME_WAIT] == counted
+        assert all(sockdiag.endpoint_label(k) for k in t.remote_time_wait)
+
+
 def test_native_endpoint_struct_size():
     assert native.ctypes.sizeof(native.Endpoint) == 32 == native.LIB.tcpstate_tally_sizeof_endpoint()
 
