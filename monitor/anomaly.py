@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -64,15 +66,17 @@ class Verdict:
 
 
 class Window:
-    """Samples of counters (dicts of name -> monotonically growing value) over the last
-    `seconds`; delta() and rate() cover the span from the oldest kept sample to the newest."""
+    """Samples of values (dicts of name -> number) over the last `seconds`; delta() and rate()
+    cover the span from the oldest kept sample to the newest. counters: the values only grow,
+    so one that went back means the source restarted (a gauge may go either way)."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, counters: bool = True):
         self.seconds = seconds
+        self.counters = counters
         self.samples: deque = deque()
 
     def add(self, now: float, values: dict) -> None:
-        if self.samples and any(values.get(k, 0) < v for k, v in self.samples[-1][1].items()):
+        if self.counters and self.samples and any(values.get(k, 0) < v for k, v in self.samples[-1][1].items()):
             self.samples.clear()  # a counter went backwards (probes reloaded): start again
         self.samples.append((now, dict(values)))
         # Keep one sample at or before the window's start so the span is the whole window.
@@ -167,13 +171,10 @@ class RstStorm(Detector):
     def evaluate(self, sample: Sample) -> Verdict | None:
         if sample.counts is None:
             return None
-        per_kind = {}
-        for (direction, state, reason), n in sample.counts.resets.items():
-            per_kind[(direction, state, reason)] = per_kind.get((direction, state, reason), 0) + n
-        values = dict(per_kind)
-        values["total"] = sum(per_kind.values())
+        resets = sample.counts.resets  # (direction, state, reason) -> n
+        values = dict(resets, total=sum(resets.values()))
         for direction in ("sent", "received"):
-            values[direction] = sum(n for (d, _, _), n in per_kind.items() if d == direction)
+            values[direction] = sum(n for (d, _, _), n in resets.items() if d == direction)
         self.window.add(sample.time, values)
         total = self.window.rate("total")
         if total is None:
@@ -233,12 +234,10 @@ class TimeWaitBuildup(Detector):
         findings = []  # (score relative to its threshold, what, value, threshold, netns, extra)
         for label, ns in sorted(sample.namespaces.items()):
             tw = ns.sockets.get("TIME_WAIT", 0)
-            window = self.windows.setdefault(label, Window(self.window_seconds))
+            window = self.windows.setdefault(label, Window(self.window_seconds, counters=False))
             if self._seen.get(label) != ns.finished:  # a new poll: one sample per poll
                 self._seen[label] = ns.finished
-                window.samples.append((ns.finished, {"tw": tw}))
-                while len(window.samples) >= 2 and window.samples[1][0] <= ns.finished - self.window_seconds:
-                    window.samples.popleft()
+                window.add(ns.finished, {"tw": tw})
             growth = window.rate("tw")
             limit = ns.limits.time_wait_max
             name = f"namespace {label!r}" if label else "the host's namespace"
@@ -327,8 +326,6 @@ class Engine:
 
     def __init__(self, detectors: list[Detector], read_counts, read_namespaces, sinks: list, interval: float,
                  clock=None):
-        import time
-
         self.detectors = detectors
         self._read_counts = read_counts
         self._read_namespaces = read_namespaces
@@ -361,15 +358,11 @@ class Engine:
         return {d.kind: d.active for d in self.detectors}
 
     def start(self) -> None:
-        import threading
-
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="anomaly", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        import time
-
         while not self._stop.is_set():
             started = time.monotonic()
             try:

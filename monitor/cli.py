@@ -170,6 +170,8 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, s
     Socket counts by state, TIME_WAIT by port and the port-exhaustion forecast come
     from a background poll of the kernel's socket tables every --state-interval; the
     filters do not apply to them.
+    Anomaly detectors (RST storm, TIME_WAIT buildup, connect failures; thresholds from
+    --config and --set) write firing/resolved events as JSON lines to --events.
 
     \b
     Examples:

@@ -16,8 +16,9 @@ log = logging.getLogger(__name__)
 class JsonLines:
     """One JSON object per line, flushed per event so `tail -f` and log shippers see it at once."""
 
-    def __init__(self, stream: IO[str]):
+    def __init__(self, stream: IO[str], owned: bool = False):
         self.stream = stream
+        self._owned = owned  # opened here, so closed here; stdout is not
         self._lock = threading.Lock()
 
     def __call__(self, event) -> None:
@@ -29,10 +30,10 @@ class JsonLines:
     @classmethod
     def open(cls, path: str) -> "JsonLines":
         """Append to path (made if missing); raises OSError when it cannot be opened."""
-        return cls(open(path, "a", encoding="utf-8", buffering=1))
+        return cls(open(path, "a", encoding="utf-8", buffering=1), owned=True)
 
     def close(self) -> None:
-        if self.stream.fileno() > 2:
+        if self._owned:
             self.stream.close()
 
 

@@ -53,6 +53,13 @@ def test_window_rate_covers_the_window():
     assert w.span() == 10 and w.rate("n") == 5.0 and w.delta("n") == 50
 
 
+def test_window_of_a_gauge_keeps_going_when_it_falls():
+    w = Window(10, counters=False)
+    for i, v in enumerate((100, 110, 90, 70)):
+        w.add(T0 + i, {"tw": v})
+    assert w.rate("tw") == -10.0 and len(w.samples) == 4
+
+
 def test_window_restarts_when_a_counter_goes_back():
     w = Window(10)
     w.add(T0, {"n": 100})
