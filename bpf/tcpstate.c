@@ -9,6 +9,8 @@
  *   TCPSTATE_FILTER_INCLUDE_CIDR / _EXCLUDE_CIDR / _PORTS
  *   TCPSTATE_EMIT_EVENTS              feed the watch ring buffer
  *   TCPSTATE_MAX_SOCKS                size of the per-socket table
+ *   TCPSTATE_MAX_CLOSES               size of the recent-closes table (0: no port-reuse counting)
+ *   TCPSTATE_MAX_OFFENDERS            size of the offenders table (0: none kept)
  */
 #include <uapi/linux/ptrace.h>
 
@@ -27,6 +29,12 @@ enum sk_rst_reason { TCPSTATE_SK_RST_REASON_FIRST };
 #ifndef TCPSTATE_MAX_SOCKS
 #define TCPSTATE_MAX_SOCKS 65536
 #endif
+#ifndef TCPSTATE_MAX_CLOSES
+#define TCPSTATE_MAX_CLOSES 65536
+#endif
+#ifndef TCPSTATE_MAX_OFFENDERS
+#define TCPSTATE_MAX_OFFENDERS 4096
+#endif
 
 /* Map names follow the metric names (tcpstate_<name>), cut to the kernel's 15 characters. */
 BPF_PERCPU_ARRAY(transitions, __u64, TCPSTATE_NTRANSITIONS);
@@ -34,6 +42,9 @@ BPF_PERCPU_ARRAY(resets, __u64, TCPSTATE_NRESETS);
 BPF_PERCPU_ARRAY(connect_fails, __u64, TCPSTATE_NFAILS);
 BPF_PERCPU_ARRAY(durations, __u64, TCPSTATE_NHIST * TCPSTATE_HIST_STRIDE);
 BPF_PERCPU_ARRAY(stats, __u64, TCPSTATE_NSTATS);
+BPF_PERCPU_ARRAY(port_reuse, __u64, TCPSTATE_NROLES);
+BPF_PERCPU_ARRAY(resets_after_hs, __u64, 2);  /* index: TCPSTATE_DIR_* */
+BPF_ARRAY(settings, __u64, TCPSTATE_NSETTINGS);
 BPF_TABLE("lru_hash", __u64, struct tcpstate_sock, socks, TCPSTATE_MAX_SOCKS);
 
 /* A failed connect (SYN_SENT->CLOSE) waits here until we know why. The kernel reports the
@@ -60,6 +71,7 @@ BPF_HASH(include_ports, __u16, __u8, 1024);
 BPF_RINGBUF_OUTPUT(events, 256);
 #endif
 
+/* Local (s) and remote (d) end of a connection; also the key of recent_closes (no padding). */
 struct flow {
 	__u16 family;
 	__u16 sport;
@@ -68,12 +80,53 @@ struct flow {
 	__u8 daddr[16];
 };
 
+#if TCPSTATE_MAX_CLOSES > 0
+/* 4-tuple -> when a connection on it closed: the next connection on it within the reuse window
+ * is a port reuse. LRU: at more closes per window than it holds, the oldest are forgotten. */
+BPF_TABLE("lru_hash", struct flow, __u64, recent_closes, TCPSTATE_MAX_CLOSES);
+#endif
+#if TCPSTATE_MAX_OFFENDERS > 0
+BPF_TABLE("lru_hash", struct tcpstate_offender_key, struct tcpstate_offender, offenders, TCPSTATE_MAX_OFFENDERS);
+#endif
+
 /* Per-CPU slots: the kernel refuses a nested BPF run on the same CPU, so ++ does not race. */
 static __always_inline void inc_transitions(__u32 idx) { __u64 *v = transitions.lookup(&idx); if (v) (*v)++; }
 static __always_inline void inc_resets(__u32 idx) { __u64 *v = resets.lookup(&idx); if (v) (*v)++; }
 static __always_inline void inc_connect_fails(__u32 idx) { __u64 *v = connect_fails.lookup(&idx); if (v) (*v)++; }
 static __always_inline void inc_durations(__u32 idx) { __u64 *v = durations.lookup(&idx); if (v) (*v)++; }
 static __always_inline void inc_stats(__u32 idx) { __u64 *v = stats.lookup(&idx); if (v) (*v)++; }
+static __always_inline void inc_port_reuse(__u32 idx) { __u64 *v = port_reuse.lookup(&idx); if (v) (*v)++; }
+static __always_inline void inc_resets_after_hs(__u32 idx) { __u64 *v = resets_after_hs.lookup(&idx); if (v) (*v)++; }
+static __always_inline __u64 setting(__u32 idx) { __u64 *v = settings.lookup(&idx); return v ? *v : 0; }
+
+/* One more for the peer of this flow in the offenders table (a shared LRU hash: atomic adds). */
+static __always_inline void offend(struct flow *f, __u8 kind, int has_sk, struct tcpstate_sock *s, __u64 now)
+{
+#if TCPSTATE_MAX_OFFENDERS > 0
+	__u8 keep = tcpstate_offender_keep(kind, has_sk, s != NULL, s ? s->flags : 0, s ? s->state : 0);
+	struct tcpstate_offender_key k = {};
+	__builtin_memcpy(k.raddr, f->daddr, 16);
+	k.family = f->family;
+	k.rport = (keep & TCPSTATE_KEEP_REMOTE) ? f->dport : 0;
+	k.lport = (keep & TCPSTATE_KEEP_LOCAL) ? f->sport : 0;
+	k.kind = kind;
+	struct tcpstate_offender *o = offenders.lookup(&k);
+	if (!o) {
+		struct tcpstate_offender fresh = {};
+		fresh.first_ns = now;
+		if (s && s->pid) {
+			fresh.pid = s->pid;
+			__builtin_memcpy(fresh.comm, s->comm, TCPSTATE_COMM_LEN);
+		}
+		offenders.insert(&k, &fresh);  /* fails only if another CPU inserted it first */
+		o = offenders.lookup(&k);
+		if (!o)
+			return;
+	}
+	__sync_fetch_and_add(&o->count, 1);
+	o->last_ns = now;
+#endif
+}
 
 static __always_inline void observe(int hist, __u64 delta_ns)
 {
@@ -244,14 +297,21 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
 	if (args->protocol != TCPSTATE_IPPROTO_TCP)
 		return 0;
-#ifdef TCPSTATE_NEED_FLOW
+	__u8 oldstate = tcpstate_clamp_state(args->oldstate);
+	__u8 newstate = tcpstate_clamp_state(args->newstate);
+	int closes = tcpstate_records_close(oldstate, newstate);
+	int role = tcpstate_opening_role(oldstate);
+	int failed = oldstate == TCPSTATE_TCP_SYN_SENT && newstate == TCPSTATE_TCP_CLOSE;
 	struct flow f = {};
+#ifdef TCPSTATE_NEED_FLOW
 	TCPSTATE_FLOW_FROM_FIELDS(&f, args);
 	if (!flow_wanted(&f))
 		return 0;
+#else
+	/* Only the transitions that record, look up or blame a 4-tuple copy it. */
+	if (closes || role >= 0)
+		TCPSTATE_FLOW_FROM_FIELDS(&f, args);
 #endif
-	__u8 oldstate = tcpstate_clamp_state(args->oldstate);
-	__u8 newstate = tcpstate_clamp_state(args->newstate);
 	__u64 skaddr = (__u64)args->skaddr;
 	__u64 now = bpf_ktime_get_ns();
 
@@ -266,6 +326,21 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	} else if (!s) {
 		inc_stats(TCPSTATE_STAT_SOCK_UNTRACKED);
 	}
+
+#if TCPSTATE_MAX_CLOSES > 0
+	if (closes && f.sport && f.dport) {
+		recent_closes.update(&f, &now);
+	} else if (role >= 0 && f.sport && f.dport) {
+		__u64 *closed = recent_closes.lookup(&f);
+		if (closed && tcpstate_reused(*closed, now, setting(TCPSTATE_SET_REUSE_WINDOW_NS))) {
+			recent_closes.delete(&f);  /* one close, one reuse */
+			inc_port_reuse(role);
+			offend(&f, TCPSTATE_OFF_PORT_REUSE, 1, s, now);
+		}
+	}
+#endif
+	if (failed)
+		offend(&f, TCPSTATE_OFF_CONNECT_FAIL, 1, s, now);
 
 	__u8 counted = tcpstate_counted_newstate(oldstate, newstate, s ? s->flags : 0);
 	/* An abort sets CLOSE before the reset goes out, and the reset's tracepoint fires only
@@ -294,10 +369,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 			s->flags &= TCPSTATE_SOCK_FAIL_PENDING;  /* still to be settled at destroy */
 			s->prev_state = 0;
 			s->est_ts_ns = 0;
+			s->syn_ts_ns = 0;
 			/* connect() and listen() run in the owning process's context. */
 			s->pid = bpf_get_current_pid_tgid() >> 32;
 			bpf_get_current_comm(&s->comm, sizeof(s->comm));
 		}
+		if (oldstate == TCPSTATE_TCP_LISTEN && newstate == TCPSTATE_TCP_SYN_RECV)
+			s->flags |= TCPSTATE_SOCK_PASSIVE;
 		if (newstate == TCPSTATE_TCP_SYN_SENT)
 			s->syn_ts_ns = now;
 		if (newstate == TCPSTATE_TCP_ESTABLISHED) {
@@ -306,9 +384,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 			s->est_ts_ns = now;
 		}
 		if (newstate == TCPSTATE_TCP_CLOSE) {
+			/* est_ts_ns stays: a reset sent after an abort's CLOSE still needs it. */
 			if (s->est_ts_ns)
 				observe(TCPSTATE_HIST_LIFETIME, now - s->est_ts_ns);
-			s->est_ts_ns = 0;
 			s->prev_state = oldstate;
 		}
 		if (s->state_ts_ns)
@@ -381,6 +459,13 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 	if (s && (s->flags & TCPSTATE_SOCK_CLOSE_PENDING))
 		close_resolve(args, &f, skaddr, s, TCPSTATE_TCP_CLOSE);
 	inc_resets((TCPSTATE_DIR_SENT * TCPSTATE_NSTATES + state) * TCPSTATE_NREASONS + reason);
+	__u64 now = bpf_ktime_get_ns();
+	offend(&f, TCPSTATE_OFF_RESET_SENT, skaddr != 0, s, now);
+	if (s && tcpstate_early_reset(s->est_ts_ns, now, setting(TCPSTATE_SET_EARLY_RESET_NS), s->flags)) {
+		s->flags |= TCPSTATE_SOCK_EARLY_RESET;
+		inc_resets_after_hs(TCPSTATE_DIR_SENT);
+		offend(&f, TCPSTATE_OFF_EARLY_RESET, 1, s, now);
+	}
 #ifdef TCPSTATE_EMIT_EVENTS
 	emit(args, &f, skaddr, TCPSTATE_EV_RESET_SENT, state, state, reason, 0, s);
 #endif
@@ -391,12 +476,10 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 #ifdef TCPSTATE_HAVE_TCP_RECEIVE_RESET
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
-#ifdef TCPSTATE_NEED_FLOW
 	struct flow f = {};
 	TCPSTATE_FLOW_FROM_FIELDS(&f, args);
 	if (!flow_wanted(&f))
 		return 0;
-#endif
 	__u64 skaddr = (__u64)args->skaddr;
 	struct tcpstate_sock *s = socks.lookup(&skaddr);
 	__u8 state = TCPSTATE_STATE_UNKNOWN;
@@ -406,6 +489,14 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 	}
 	inc_resets((TCPSTATE_DIR_RECEIVED * TCPSTATE_NSTATES + state) * TCPSTATE_NREASONS +
 		      TCPSTATE_REASON_UNKNOWN);
+	__u64 now = bpf_ktime_get_ns();
+	offend(&f, TCPSTATE_OFF_RESET_RECEIVED, 1, s, now);
+	/* What an on-path device rejecting requests looks like: a reset right after the handshake. */
+	if (s && tcpstate_early_reset(s->est_ts_ns, now, setting(TCPSTATE_SET_EARLY_RESET_NS), s->flags)) {
+		s->flags |= TCPSTATE_SOCK_EARLY_RESET;
+		inc_resets_after_hs(TCPSTATE_DIR_RECEIVED);
+		offend(&f, TCPSTATE_OFF_EARLY_RESET, 1, s, now);
+	}
 #ifdef TCPSTATE_EMIT_EVENTS
 	emit(args, &f, skaddr, TCPSTATE_EV_RESET_RECEIVED, state, state, TCPSTATE_REASON_UNKNOWN, 0, s);
 #endif

@@ -66,12 +66,32 @@
 #define TCPSTATE_SOCK_RESET_SEEN 1     /* a reset hit the socket: its close is no TIME_WAIT */
 #define TCPSTATE_SOCK_CLOSE_PENDING 2  /* FIN_WAIT2/CLOSING->CLOSE waits for its reset or destruction */
 #define TCPSTATE_SOCK_FAIL_PENDING 4   /* its failed connect may wait in pending_fails */
+#define TCPSTATE_SOCK_PASSIVE 8        /* an accepted connection (LISTEN->SYN_RECV), not a connect() */
+#define TCPSTATE_SOCK_EARLY_RESET 16   /* already counted in resets_after_hs */
+
+/* port_reuse index: which end of the reused 4-tuple this host's socket is */
+#define TCPSTATE_ROLE_CLIENT 0
+#define TCPSTATE_ROLE_SERVER 1
+#define TCPSTATE_NROLES 2
+
+/* settings index: values user space writes after loading (nanoseconds; 0 turns the check off) */
+#define TCPSTATE_SET_REUSE_WINDOW_NS 0  /* a new connection on a 4-tuple closed this recently is a reuse */
+#define TCPSTATE_SET_EARLY_RESET_NS 1   /* a reset this soon after ESTABLISHED is "after the handshake" */
+#define TCPSTATE_NSETTINGS 2
+
+/* Kinds of the offenders table: who the resets, failures and reuses are with. */
+#define TCPSTATE_OFF_RESET_SENT 0
+#define TCPSTATE_OFF_RESET_RECEIVED 1
+#define TCPSTATE_OFF_CONNECT_FAIL 2
+#define TCPSTATE_OFF_PORT_REUSE 3
+#define TCPSTATE_OFF_EARLY_RESET 4
+#define TCPSTATE_NOFFKINDS 5
 
 /* Per-socket memory (value of the socks LRU table, keyed by socket address). */
 struct tcpstate_sock {
 	__u64 state_ts_ns; /* when the current state was entered */
 	__u64 syn_ts_ns;   /* when SYN_SENT was entered; 0 if never */
-	__u64 est_ts_ns;   /* when ESTABLISHED was entered; 0 once the lifetime is observed */
+	__u64 est_ts_ns;   /* when ESTABLISHED was entered; 0 if never in this life of the socket */
 	__u64 close_delta_us; /* time in the state left by a pending close */
 	__u32 pid;         /* tgid of the process that called connect()/listen(); 0 if unknown */
 	__u8 state;        /* current state */
@@ -97,6 +117,27 @@ struct tcpstate_event {
 	__u8 pad[2];
 	__u8 saddr[16];   /* IPv4 in the first 4 bytes */
 	__u8 daddr[16];
+	char comm[TCPSTATE_COMM_LEN];
+};
+
+/* Key of the offenders table: the peer, and the ports that name the service. The side whose
+ * port is ephemeral (the connecting end's) has port 0, so one peer hammering one service is one
+ * entry; port reuse keeps both ports (the reused port is the point). */
+struct tcpstate_offender_key {
+	__u8 raddr[16];   /* IPv4 in the first 4 bytes */
+	__u16 family;
+	__u16 rport;      /* host byte order; 0: not kept */
+	__u16 lport;
+	__u8 kind;        /* TCPSTATE_OFF_* */
+	__u8 pad;
+};
+
+struct tcpstate_offender {
+	__u64 count;      /* since first_ns */
+	__u64 first_ns;   /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 last_ns;
+	__u32 pid;        /* tgid of the process that opened the socket; 0 if unknown */
+	__u32 pad;
 	char comm[TCPSTATE_COMM_LEN];
 };
 

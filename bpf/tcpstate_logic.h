@@ -68,6 +68,62 @@ static __always_inline __u8 tcpstate_failure_class(int err)
 	}
 }
 
+/* A close that a new connection on the same 4-tuple would be a reuse of: the socket had a
+ * connection (not a failed connect, not a listener). */
+static __always_inline int tcpstate_records_close(__u8 oldstate, __u8 newstate)
+{
+	return newstate == TCPSTATE_TCP_CLOSE && oldstate != TCPSTATE_TCP_SYN_SENT &&
+	       oldstate != TCPSTATE_TCP_LISTEN && oldstate != TCPSTATE_TCP_CLOSE;
+}
+
+/* The first transition out of SYN_SENT (client) or SYN_RECV (server) is where a new connection's
+ * 4-tuple is complete: at LISTEN->SYN_RECV the kernel has not yet set the child's peer address.
+ * Returns the TCPSTATE_ROLE_* of the socket, or -1 for any other transition. */
+static __always_inline int tcpstate_opening_role(__u8 oldstate)
+{
+	if (oldstate == TCPSTATE_TCP_SYN_SENT)
+		return TCPSTATE_ROLE_CLIENT;
+	if (oldstate == TCPSTATE_TCP_SYN_RECV)
+		return TCPSTATE_ROLE_SERVER;
+	return -1;
+}
+
+/* A 4-tuple closed at closed_ns and opened again at now is reused if within window_ns (0: off). */
+static __always_inline int tcpstate_reused(__u64 closed_ns, __u64 now, __u64 window_ns)
+{
+	return window_ns != 0 && closed_ns != 0 && now >= closed_ns && now - closed_ns <= window_ns;
+}
+
+/* A reset within within_ns (0: off) of the socket becoming ESTABLISHED, once per connection. */
+static __always_inline int tcpstate_early_reset(__u64 est_ns, __u64 now, __u64 within_ns, __u8 sock_flags)
+{
+	return within_ns != 0 && est_ns != 0 && !(sock_flags & TCPSTATE_SOCK_EARLY_RESET) && now >= est_ns &&
+	       now - est_ns <= within_ns;
+}
+
+#define TCPSTATE_KEEP_LOCAL 1
+#define TCPSTATE_KEEP_REMOTE 2
+
+/* Which ports an offender entry keeps. The connecting end's port is ephemeral and would make
+ * every connection its own entry: a reset for no socket, or on an accepted connection or a
+ * listener, keeps our (service) port; one on a connect()ed socket keeps the peer's. An untracked
+ * socket cannot tell, and port reuse is about the reused port: both are kept. */
+static __always_inline __u8 tcpstate_offender_keep(__u8 kind, int has_sk, int tracked, __u8 sock_flags,
+						    __u8 sock_state)
+{
+	if (kind == TCPSTATE_OFF_PORT_REUSE)
+		return TCPSTATE_KEEP_LOCAL | TCPSTATE_KEEP_REMOTE;
+	if (kind == TCPSTATE_OFF_CONNECT_FAIL)
+		return TCPSTATE_KEEP_REMOTE;
+	if (!has_sk)
+		return TCPSTATE_KEEP_LOCAL;
+	if (!tracked)
+		return TCPSTATE_KEEP_LOCAL | TCPSTATE_KEEP_REMOTE;
+	if ((sock_flags & TCPSTATE_SOCK_PASSIVE) || sock_state == TCPSTATE_TCP_LISTEN)
+		return TCPSTATE_KEEP_LOCAL;
+	return TCPSTATE_KEEP_REMOTE;
+}
+
 /* Index of the first bucket whose upper bound is >= us; NBOUNDS means +Inf. */
 static __always_inline __u32 tcpstate_hist_bucket(__u64 us)
 {

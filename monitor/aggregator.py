@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .events import C, DIRECTIONS, FAILURE_REASONS, HIST_BOUNDS_SECONDS, reason_name
+from .events import C, DIRECTIONS, FAILURE_REASONS, HIST_BOUNDS_SECONDS, ROLES, reason_name
 from .states import NUMBERS, state_name
 
 NSTATES = C["TCPSTATE_NSTATES"]
@@ -22,6 +22,8 @@ class RawCounters:
     connect_fails: tuple
     durations: tuple
     stats: tuple
+    port_reuse: tuple = (0,) * C["TCPSTATE_NROLES"]
+    resets_after_hs: tuple = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Counts:
     ring_buffer_lost: int = 0
     programs: dict = field(default_factory=dict)  # tracepoint -> ProgramStats-like (run_time_ns, run_cnt, recursion_misses)
     untracked_transitions: int = 0
+    port_reuse: dict = field(default_factory=dict)  # client|server -> n
+    resets_after_handshake: dict = field(default_factory=dict)  # sent|received -> n
 
 
 def _histogram(raw: tuple, which: int) -> Histogram:
@@ -80,6 +84,8 @@ def aggregate(raw: RawCounters, reasons: dict[int, str], programs: dict | None =
     counts.ring_buffer_lost = raw.stats[C["TCPSTATE_STAT_EVENTS_LOST"]]
     counts.events_lost = counts.ring_buffer_lost + sum(p[2] for p in counts.programs.values())
     counts.untracked_transitions = raw.stats[C["TCPSTATE_STAT_SOCK_UNTRACKED"]]
+    counts.port_reuse = dict(zip(ROLES, raw.port_reuse))
+    counts.resets_after_handshake = dict(zip(DIRECTIONS, raw.resets_after_hs))
     return counts
 
 
@@ -90,4 +96,6 @@ def empty_raw() -> RawCounters:
         connect_fails=(0,) * C["TCPSTATE_NFAILS"],
         durations=(0,) * (C["TCPSTATE_NHIST"] * STRIDE),
         stats=(0,) * C["TCPSTATE_NSTATS"],
+        port_reuse=(0,) * C["TCPSTATE_NROLES"],
+        resets_after_hs=(0,) * len(DIRECTIONS),
     )

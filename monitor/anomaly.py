@@ -1,4 +1,4 @@
-"""anomaly.py: detectors that turn counter series into firing/resolved events (RST storms, TIME_WAIT buildup, connect failures)."""
+"""anomaly.py: detectors that turn counter series into firing/resolved events (RST storms, TIME_WAIT buildup, connect failures, port reuse, resets after the handshake)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+
+from . import offenders
 
 STATUSES = ("firing", "resolved")
 log = logging.getLogger(__name__)
@@ -107,6 +109,7 @@ class Detector:
     """Fires when evaluate() first breaches; resolves once it has been clear for hold_down_seconds."""
 
     kind = ""
+    offender_kinds: tuple = ()  # kinds of the in-kernel offenders table that are this detector's evidence
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
@@ -114,6 +117,7 @@ class Detector:
         self.hold_down = float(cfg["hold_down_seconds"])
         self.active = False
         self.fired = 0
+        self.started: float | None = None  # when the current (or last) firing began
         self._clear_since: float | None = None
         self._peak: Verdict | None = None
 
@@ -130,6 +134,7 @@ class Detector:
             if not self.active:
                 self.active = True
                 self.fired += 1
+                self.started = now
                 self._peak = verdict
                 return self._event(now, "firing", verdict, verdict.summary, verdict.details)
             if verdict.value > self._peak.value:
@@ -160,6 +165,7 @@ class RstStorm(Detector):
     rate, or above baseline_factor x the rate learned while quiet (after the warm-up)."""
 
     kind = "rst_storm"
+    offender_kinds = ("reset_sent", "reset_received")
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -279,6 +285,7 @@ class ConnectFailures(Detector):
     of connect attempts once there are min_attempts of them."""
 
     kind = "connect_failures"
+    offender_kinds = ("connect_failure",)
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -312,7 +319,80 @@ class ConnectFailures(Detector):
         return Verdict(False, rate, c["rate"], f"Connect failures at {rate:.1f}/s (under {c['rate']:g}/s)", details)
 
 
-DETECTORS = {cls.kind: cls for cls in (RstStorm, TimeWaitBuildup, ConnectFailures)}
+class PortReuse(Detector):
+    """New connections on a 4-tuple that closed less than reuse_within_seconds before (counted in
+    the kernel, by this host's role in them), per second over the window, above a rate."""
+
+    kind = "port_reuse"
+    offender_kinds = ("port_reuse",)
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.window = Window(self.window_seconds)
+
+    def evaluate(self, sample: Sample) -> Verdict | None:
+        if sample.counts is None:
+            return None
+        reuse = sample.counts.port_reuse
+        self.window.add(sample.time, dict(reuse, total=sum(reuse.values())))
+        rate = self.window.rate("total")
+        if rate is None:
+            return None
+        c = self.cfg
+        by_role = {role: int(self.window.delta(role)) for role in reuse}
+        details = {"rate_per_second": _round(rate), "by_role": by_role,
+                   "reuse_within_seconds": c["reuse_within_seconds"]}
+        breach = c["rate"] > 0 and rate >= c["rate"]
+        roles = ", ".join(f"{n} as {role}" for role, n in by_role.items())
+        summary = (f"Port reuse at {rate:.1f}/s over {self.window.span():.0f} s "
+                   f"({'over' if breach else 'under'} {c['rate']:g}/s): new connections on a 4-tuple closed "
+                   f"less than {c['reuse_within_seconds']:g} s before ({roles})")
+        return Verdict(breach, rate, c["rate"], summary, details)
+
+
+class ResetAfterHandshake(Detector):
+    """Connections reset within within_seconds of becoming ESTABLISHED (counted in the kernel, once
+    per connection): received ones per second above rate, or as a fraction of the connections
+    opened once there are min_connections; sent ones above sent_rate."""
+
+    kind = "reset_after_handshake"
+    offender_kinds = ("reset_after_handshake",)
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.window = Window(self.window_seconds)
+
+    def evaluate(self, sample: Sample) -> Verdict | None:
+        if sample.counts is None:
+            return None
+        counts = sample.counts
+        values = dict(counts.resets_after_handshake, opened=sum(counts.opened.values()))
+        self.window.add(sample.time, values)
+        received, sent = self.window.rate("received"), self.window.rate("sent")
+        if received is None:
+            return None
+        c = self.cfg
+        n_received, opened = self.window.delta("received"), self.window.delta("opened")
+        fraction = n_received / opened if opened else 0.0
+        span = self.window.span()
+        within = f"within {c['within_seconds']:g} s of the handshake"
+        details = {"rate_per_second": {"received": _round(received), "sent": _round(sent)},
+                   "received": int(n_received), "sent": int(self.window.delta("sent")),
+                   "connections_opened": int(opened), "within_seconds": c["within_seconds"]}
+        if c["rate"] > 0 and received >= c["rate"]:
+            return Verdict(True, received, c["rate"], f"Connections reset by the peer {within} at {received:.1f}/s "
+                           f"over {span:.0f} s (over {c['rate']:g}/s)", details)
+        if c["fraction"] > 0 and opened >= c["min_connections"] and fraction >= c["fraction"]:
+            return Verdict(True, fraction, c["fraction"], f"{fraction:.0%} of {int(opened)} connections reset by "
+                           f"the peer {within} over {span:.0f} s (over {c['fraction']:.0%})", details)
+        if c["sent_rate"] > 0 and sent >= c["sent_rate"]:
+            return Verdict(True, sent, c["sent_rate"], f"Connections reset by this host {within} at {sent:.1f}/s "
+                           f"over {span:.0f} s (over {c['sent_rate']:g}/s)", details)
+        return Verdict(False, received, c["rate"], f"Connections reset by the peer {within} at {received:.1f}/s "
+                       f"(under {c['rate']:g}/s)", details)
+
+
+DETECTORS = {cls.kind: cls for cls in (RstStorm, TimeWaitBuildup, ConnectFailures, PortReuse, ResetAfterHandshake)}
 
 
 def build(cfg: dict) -> list[Detector]:
@@ -325,10 +405,12 @@ class Engine:
     stepped, each event handed to every sink. Its counters feed tcpstate_anomal*."""
 
     def __init__(self, detectors: list[Detector], read_counts, read_namespaces, sinks: list, interval: float,
-                 clock=None):
+                 clock=None, read_offenders=None, top_offenders: int = 5):
         self.detectors = detectors
         self._read_counts = read_counts
         self._read_namespaces = read_namespaces
+        self._read_offenders = read_offenders  # -> [offenders.Peer]; read only when an event is written
+        self.top_offenders = top_offenders
         self.sinks = sinks
         self.interval = interval
         self._clock = clock or time.time
@@ -342,7 +424,15 @@ class Engine:
             log.exception("anomaly detectors: reading the in-kernel counters failed")
             counts = None
         sample = Sample(self._clock(), counts, dict(self._read_namespaces()))
-        events = [e for d in self.detectors if (e := d.step(sample)) is not None]
+        stepped = [(d, e) for d in self.detectors if (e := d.step(sample)) is not None]
+        peers = None
+        events = []
+        for d, event in stepped:
+            if d.offender_kinds and self._read_offenders is not None and self.top_offenders > 0:
+                if peers is None:
+                    peers = self._peers()
+                event = self._with_offenders(d, event, peers)
+            events.append(event)
         for event in events:
             for sink in self.sinks:
                 try:
@@ -350,6 +440,23 @@ class Engine:
                 except Exception:
                     log.exception("anomaly event output failed")
         return events
+
+    def _peers(self) -> list | None:
+        try:
+            return self._read_offenders()
+        except Exception:  # the event still goes out, with top_offenders null
+            log.exception("anomaly detectors: reading the offenders table failed")
+            return None
+
+    def _with_offenders(self, d: Detector, event: Event, peers: list | None) -> Event:
+        """The peers of the detector's kinds seen during its window (for a resolved event: since
+        the window before it fired), in the details and, the first one, in the summary."""
+        if peers is None:
+            return replace(event, details=dict(event.details, top_offenders=None))
+        since = (d.started if event.status == "resolved" and d.started is not None else event.time) - d.window_seconds
+        chosen = offenders.top(peers, d.offender_kinds, since, self.top_offenders)
+        summary = event.summary + (f"; top peer: {chosen[0].describe()}" if chosen else "")
+        return replace(event, summary=summary, details=dict(event.details, top_offenders=[p.as_dict() for p in chosen]))
 
     def fired(self) -> dict:
         return {d.kind: d.fired for d in self.detectors}

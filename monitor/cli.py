@@ -13,8 +13,8 @@ import click
 from prometheus_client import CollectorRegistry
 
 from . import __version__, native
-from .config import (CIDR, DEFAULT_FORECAST_WINDOW, DEFAULT_LISTEN_ADDRESS, DEFAULT_MAX_SOCKETS, DEFAULT_STATE_INTERVAL,
-                     DEFAULT_TOP_N, LISTEN_ADDRESS, PORT, make_filters)
+from .config import (CIDR, DEFAULT_FORECAST_WINDOW, DEFAULT_LISTEN_ADDRESS, DEFAULT_MAX_OFFENDERS, DEFAULT_MAX_SOCKETS,
+                     DEFAULT_RECENT_CLOSES, DEFAULT_STATE_INTERVAL, DEFAULT_TOP_N, LISTEN_ADDRESS, PORT, make_filters)
 from .tracefs import MISSING_EFFECT, TRACEPOINTS, TracefsError, detect_layout, ensure_tracefs
 
 log = logging.getLogger("tcpstate")
@@ -136,6 +136,12 @@ def cli(log_level):
 @filter_options
 @click.option("--max-sockets", type=click.IntRange(1024, 1 << 24), default=DEFAULT_MAX_SOCKETS, show_default=True,
               envvar="TCPSTATE_MAX_SOCKETS", help="Size of the in-kernel per-socket table (LRU).")
+@click.option("--recent-closes", type=click.IntRange(0, 1 << 24), default=DEFAULT_RECENT_CLOSES, show_default=True,
+              envvar="TCPSTATE_RECENT_CLOSES", help="4-tuples of closed connections remembered in the kernel to count "
+              "port reuse (LRU; 0 turns port-reuse counting off).")
+@click.option("--max-offenders", type=click.IntRange(0, 1 << 20), default=DEFAULT_MAX_OFFENDERS, show_default=True,
+              envvar="TCPSTATE_MAX_OFFENDERS", help="Peers remembered in the kernel as evidence for anomaly events "
+              "(LRU; 0: events carry no top offenders).")
 @click.option("--state-interval", type=click.FloatRange(0.1, 3600), default=DEFAULT_STATE_INTERVAL,
               show_default=True, envvar="TCPSTATE_STATE_INTERVAL", metavar="SECONDS",
               help="How often to count sockets by state from the kernel's socket tables (sock_diag).")
@@ -161,8 +167,8 @@ def cli(log_level):
               help="Where anomaly events go, one JSON object per line; - is stdout.")
 @click.option("--events-webhook", metavar="URL", envvar="TCPSTATE_EVENTS_WEBHOOK",
               help="Also POST each event's JSON to this http(s) URL (bounded queue, retried, never blocks).")
-def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, state_interval, top_n, netns_paths,
-        forecast_window, config_path, settings, events_path, events_webhook):
+def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, recent_closes, max_offenders,
+        state_interval, top_n, netns_paths, forecast_window, config_path, settings, events_path, events_webhook):
     """Run the daemon: attach the tracepoints and serve /metrics.
 
     Serves / (a landing page), /metrics, /-/healthy, and /-/ready (200 once every
@@ -170,8 +176,9 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, s
     Socket counts by state, TIME_WAIT by port and the port-exhaustion forecast come
     from a background poll of the kernel's socket tables every --state-interval; the
     filters do not apply to them.
-    Anomaly detectors (RST storm, TIME_WAIT buildup, connect failures; thresholds from
-    --config and --set) write firing/resolved events as JSON lines to --events.
+    Anomaly detectors (RST storm, TIME_WAIT buildup, connect failures, port reuse, resets
+    right after the handshake; thresholds from --config and --set) write firing/resolved
+    events as JSON lines to --events, with the top offending peers from the kernel.
 
     \b
     Examples:
@@ -184,7 +191,7 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, s
       sudo tcpstate run --config /etc/tcpstate/tcpstate.toml --events /var/log/tcpstate/events.jsonl
       sudo tcpstate run --set rst_storm.rate=50 --events-webhook http://127.0.0.1:9000/hook
     """
-    from . import anomaly, notify
+    from . import anomaly, notify, offenders
     from .aggregator import aggregate
     from .collector import TcpstateCollector
     from .probes import bcc_version
@@ -220,7 +227,10 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, s
     try:
         layout = _layout()
         log.info("filters: %s", filters.describe())
-        probes = _attach(layout, filters, max_sockets=max_sockets)
+        probes = _attach(layout, filters, max_sockets=max_sockets, recent_closes=recent_closes,
+                         max_offenders=max_offenders,
+                         reuse_window=detector_cfg["port_reuse"]["reuse_within_seconds"],
+                         early_reset_within=detector_cfg["reset_after_handshake"]["within_seconds"])
         if stop.is_set():  # a signal came while the program compiled
             return 0
         build = {"version": __version__, "kernel": platform.release(), "bcc_version": bcc_version(),
@@ -238,7 +248,10 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, s
         detectors = anomaly.build(detector_cfg)
         engine = anomaly.Engine(detectors, lambda: aggregate(probes.read(), layout.reason_names), poller.results,
                                 [events_out] + ([webhook] if webhook else []),
-                                detector_cfg["anomaly"]["interval_seconds"])
+                                detector_cfg["anomaly"]["interval_seconds"],
+                                read_offenders=lambda: offenders.decode(probes.read_offenders(), time.time(),
+                                                                        time.monotonic_ns()),
+                                top_offenders=detector_cfg["anomaly"]["top_offenders"])
         registry.register(AnomalyCollector(list(anomaly.DETECTORS), engine.fired, engine.active, webhook))
         engine.start()
         log.info("anomaly detectors: %s", ", ".join(d.kind for d in detectors) or "none")

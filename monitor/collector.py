@@ -10,7 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from .aggregator import Counts, Histogram
-from .events import FAILURE_REASONS
+from .events import DIRECTIONS, FAILURE_REASONS, ROLES
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,21 @@ class TcpstateCollector(Collector):
         for reason in FAILURE_REASONS:
             failures.add_metric([reason], counts.failures.get(reason, 0))
         yield failures
+
+        reuse = CounterMetricFamily("tcpstate_port_reuse",
+                                    "New connections on a 4-tuple (addresses and ports) that closed within the reuse "
+                                    "window, by this host's end: client (connect) or server (accept).",
+                                    labels=["role"])
+        for role in ROLES:
+            reuse.add_metric([role], counts.port_reuse.get(role, 0))
+        yield reuse
+        early = CounterMetricFamily("tcpstate_resets_after_handshake",
+                                    "Connections reset soon after ESTABLISHED (reset_after_handshake.within_seconds), "
+                                    "by who sent the reset; received ones are what an on-path device rejecting "
+                                    "requests looks like.", labels=["direction"])
+        for direction in DIRECTIONS:
+            early.add_metric([direction], counts.resets_after_handshake.get(direction, 0))
+        yield early
 
         yield _hist_family("tcpstate_handshake_duration_seconds",
                            "Time from SYN_SENT to ESTABLISHED, one per active open.", counts.handshake)

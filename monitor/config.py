@@ -10,6 +10,8 @@ import click
 DEFAULT_PORT = 9966
 DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
 DEFAULT_MAX_SOCKETS = 65536
+DEFAULT_RECENT_CLOSES = 65536  # 4-tuples remembered for port-reuse counting
+DEFAULT_MAX_OFFENDERS = 4096  # peers remembered as evidence for anomaly events
 DEFAULT_STATE_INTERVAL = 5.0  # seconds between socket-table polls
 DEFAULT_TOP_N = 10  # ports and remote endpoints exported by name
 DEFAULT_FORECAST_WINDOW = 30.0  # seconds of TIME_WAIT entries behind the rate
@@ -134,7 +136,7 @@ def make_filters(include_cidr=(), exclude_cidr=(), include_port=()) -> Filters:
 SEVERITIES = ("info", "warning", "critical")
 # section -> key -> default. Rates are per second; 0 turns a condition off; fractions are 0..1.
 DETECTOR_DEFAULTS: dict[str, dict] = {
-    "anomaly": {"interval_seconds": 1.0},
+    "anomaly": {"interval_seconds": 1.0, "top_offenders": 5},
     "rst_storm": {
         "enabled": True, "severity": "critical", "window_seconds": 10.0, "hold_down_seconds": 30.0,
         "rate": 100.0, "sent_rate": 0.0, "received_rate": 0.0,
@@ -147,6 +149,16 @@ DETECTOR_DEFAULTS: dict[str, dict] = {
     "connect_failures": {
         "enabled": True, "severity": "warning", "window_seconds": 30.0, "hold_down_seconds": 30.0,
         "rate": 10.0, "fraction": 0.5, "min_attempts": 10,
+    },
+    # reuse_within_seconds and within_seconds are what the kernel counts by (0 stops the counting);
+    # `enabled` turns only the events off.
+    "port_reuse": {
+        "enabled": True, "severity": "warning", "window_seconds": 60.0, "hold_down_seconds": 60.0,
+        "reuse_within_seconds": 60.0, "rate": 1.0,
+    },
+    "reset_after_handshake": {
+        "enabled": True, "severity": "warning", "window_seconds": 30.0, "hold_down_seconds": 30.0,
+        "within_seconds": 1.0, "rate": 1.0, "sent_rate": 0.0, "fraction": 0.2, "min_connections": 20,
     },
 }
 FRACTION_KEYS = {"fraction", "utilization"}

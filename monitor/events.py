@@ -52,6 +52,8 @@ C = header_constants()
 HIST_BOUNDS_SECONDS = tuple(us / 1e6 for us in C["TCPSTATE_HIST_BOUNDS_US"])
 FAILURE_REASONS = ("refused", "timeout", "reset", "other")  # TCPSTATE_FAIL_* order
 DIRECTIONS = ("sent", "received")  # TCPSTATE_DIR_* order
+ROLES = ("client", "server")  # TCPSTATE_ROLE_* order
+OFFENDER_KINDS = ("reset_sent", "reset_received", "connect_failure", "port_reuse", "reset_after_handshake")  # TCPSTATE_OFF_*
 EVENT_KINDS = {
     C["TCPSTATE_EV_TRANSITION"]: "transition",
     C["TCPSTATE_EV_RESET_SENT"]: "reset_sent",
@@ -94,6 +96,32 @@ class SockInfo(ctypes.Structure):
         ("prev_state", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
         ("pad", ctypes.c_uint8),
+        ("comm", ctypes.c_char * C["TCPSTATE_COMM_LEN"]),
+    ]
+
+
+class OffenderKey(ctypes.Structure):
+    """Mirror of struct tcpstate_offender_key."""
+
+    _fields_ = [
+        ("raddr", ctypes.c_uint8 * 16),
+        ("family", ctypes.c_uint16),
+        ("rport", ctypes.c_uint16),
+        ("lport", ctypes.c_uint16),
+        ("kind", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class Offender(ctypes.Structure):
+    """Mirror of struct tcpstate_offender."""
+
+    _fields_ = [
+        ("count", ctypes.c_uint64),
+        ("first_ns", ctypes.c_uint64),
+        ("last_ns", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
         ("comm", ctypes.c_char * C["TCPSTATE_COMM_LEN"]),
     ]
 

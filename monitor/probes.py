@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .aggregator import RawCounters
-from .config import DEFAULT_MAX_SOCKETS, Filters
-from .events import C, bpf_dir
+from .config import DEFAULT_MAX_OFFENDERS, DEFAULT_MAX_SOCKETS, DEFAULT_RECENT_CLOSES, Filters
+from .events import C, OFFENDER_KINDS, Offender, OffenderKey, bpf_dir
 from .tracefs import TRACEPOINTS, Layout
 
 log = logging.getLogger(__name__)
@@ -74,21 +74,29 @@ def possible_cpus() -> int:
 class Probes:
     """The loaded program: build flags from the layout and filters, then read counters."""
 
-    COUNTER_MAPS = ("transitions", "resets", "connect_fails", "durations", "stats")
+    COUNTER_MAPS = ("transitions", "resets", "connect_fails", "durations", "stats", "port_reuse", "resets_after_hs")
 
     def __init__(self, layout: Layout, filters: Filters = Filters(), emit_events: bool = False,
-                 max_sockets: int = DEFAULT_MAX_SOCKETS):
+                 max_sockets: int = DEFAULT_MAX_SOCKETS, recent_closes: int = DEFAULT_RECENT_CLOSES,
+                 max_offenders: int = DEFAULT_MAX_OFFENDERS, reuse_window: float = 60.0,
+                 early_reset_within: float = 1.0):
         self.layout = layout
         self.filters = filters
         self.emit_events = emit_events
         self.max_sockets = max_sockets
+        self.recent_closes = recent_closes
+        self.max_offenders = max_offenders
+        self.reuse_window = reuse_window
+        self.early_reset_within = early_reset_within
         self.bpf = None
         self._ncpus = 0
         self._buffers: dict = {}
         self._lock = threading.Lock()
 
     def cflags(self) -> list[str]:
-        flags = [f"-I{bpf_dir()}", f"-DTCPSTATE_MAX_SOCKS={self.max_sockets}"] + self.layout.cflags()
+        flags = [f"-I{bpf_dir()}", f"-DTCPSTATE_MAX_SOCKS={self.max_sockets}",
+                 f"-DTCPSTATE_MAX_CLOSES={self.recent_closes}", f"-DTCPSTATE_MAX_OFFENDERS={self.max_offenders}"]
+        flags += self.layout.cflags()
         if self.filters.include_cidrs:
             flags.append("-DTCPSTATE_FILTER_INCLUDE_CIDR")
         if self.filters.exclude_cidrs:
@@ -121,8 +129,17 @@ class Probes:
         except Exception as exc:  # bcc raises bare Exception for compile and load errors
             raise ProbeError(f"could not compile or load {src}: {exc} (run 'tcpstate check' for details)") from None
         self._fill_filters()
+        self.set_windows(self.reuse_window, self.early_reset_within)
         self._ncpus = possible_cpus()
         log.debug("attached: %s", ", ".join(k for k, v in self.attached.items() if v))
+
+    def set_windows(self, reuse_window: float, early_reset_within: float) -> None:
+        """Seconds within which a 4-tuple's new connection is a port reuse, and a reset after
+        ESTABLISHED counts as one after the handshake (0 turns either off). Takes effect at once."""
+        table = self.bpf[b"settings"]
+        table[table.Key(C["TCPSTATE_SET_REUSE_WINDOW_NS"])] = table.Leaf(round(reuse_window * 1e9))
+        table[table.Key(C["TCPSTATE_SET_EARLY_RESET_NS"])] = table.Leaf(round(early_reset_within * 1e9))
+        self.reuse_window, self.early_reset_within = reuse_window, early_reset_within
 
     def _fill_filters(self) -> None:
         def fill(prefix: str, cidrs) -> None:
@@ -185,6 +202,26 @@ class Probes:
             if self.bpf is None:
                 raise ProbeError("probes are not attached")
             return RawCounters(*(self._read_percpu(name) for name in self.COUNTER_MAPS))
+
+    def read_offenders(self) -> list[Offender]:
+        """Every entry of the offenders table (empty when it is off). Bounded by its size; read
+        only when an anomaly event is written, never per scrape."""
+        with self._lock:
+            if self.bpf is None or self.max_offenders == 0:
+                return []
+            table = self.bpf[b"offenders"]
+            try:
+                items = list(table.items_lookup_batch())
+            except Exception:  # no batch ops for hash maps before 5.6: one lookup per key
+                items = list(table.items())
+        out = []
+        for k, v in items:
+            raw_key, raw_value = bytes(k), bytes(v)
+            if len(raw_key) != ctypes.sizeof(OffenderKey) or len(raw_value) != ctypes.sizeof(Offender):
+                raise OSError(errno.EIO, f"offenders: entry of {len(raw_key)}/{len(raw_value)} bytes, expected "
+                              f"{ctypes.sizeof(OffenderKey)}/{ctypes.sizeof(Offender)}")
+            out.append((OffenderKey.from_buffer_copy(raw_key), Offender.from_buffer_copy(raw_value)))
+        return out
 
     def read_stats(self) -> dict[str, int]:
         with self._lock:

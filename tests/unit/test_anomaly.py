@@ -273,7 +273,8 @@ def test_engine_counts_unreadable():
 
 def test_build_honours_enabled():
     c = load_detector_config(overrides=("rst_storm.enabled=false",))
-    assert [d.kind for d in anomaly.build(c)] == ["time_wait_buildup", "connect_failures"]
+    assert [d.kind for d in anomaly.build(c)] == ["time_wait_buildup", "connect_failures", "port_reuse",
+                                                  "reset_after_handshake"]
 
 
 def test_anomaly_metrics():

@@ -25,7 +25,8 @@ def r(direction, state, reason):
 
 
 def recorded():
-    """What the maps held after 2 client-closes-first connections, 1 refused connect, 1 abort."""
+    """What the maps held after 2 client-closes-first connections, 1 refused connect, 1 abort right
+    after the handshake from the port of one of the closed connections."""
     raw = empty_raw()
     tr = list(raw.transitions)
     for key, n in {("CLOSE", "SYN_SENT"): 4, ("SYN_SENT", "ESTABLISHED"): 3, ("ESTABLISHED", "FIN_WAIT1"): 2,
@@ -45,7 +46,8 @@ def recorded():
     durations[lifetime + 13] = 1  # <= 1s
     durations[lifetime + NB + 1] = 1_000_150_000
     stats = [0, 5, 0, 0]
-    return RawCounters(tuple(tr), tuple(rs), tuple(fails), tuple(durations), tuple(stats))
+    return RawCounters(tuple(tr), tuple(rs), tuple(fails), tuple(durations), tuple(stats), port_reuse=(1, 0),
+                       resets_after_hs=(1, 0))
 
 
 PROGRAMS = {"sock:inet_sock_set_state": (2_500_000_000, 100, 3), "tcp:tcp_send_reset": (0, 0, 0)}
@@ -74,6 +76,8 @@ def test_aggregate_names_and_derives():
     assert counts.handshake.count == 3 and counts.handshake.sum_seconds == pytest.approx(90e-6)
     assert counts.lifetime.count == 3
     assert counts.untracked_transitions == 5
+    assert counts.port_reuse == {"client": 1, "server": 0}
+    assert counts.resets_after_handshake == {"sent": 1, "received": 0}
     assert aggregate(recorded(), REASONS, PROGRAMS).events_lost == 3
 
 
@@ -138,6 +142,14 @@ tcpstate_connect_failures_total{reason="refused"} 1.0
 tcpstate_connect_failures_total{reason="timeout"} 0.0
 tcpstate_connect_failures_total{reason="reset"} 0.0
 tcpstate_connect_failures_total{reason="other"} 0.0
+# HELP tcpstate_port_reuse_total New connections on a 4-tuple (addresses and ports) that closed within the reuse window, by this host's end: client (connect) or server (accept).
+# TYPE tcpstate_port_reuse_total counter
+tcpstate_port_reuse_total{role="client"} 1.0
+tcpstate_port_reuse_total{role="server"} 0.0
+# HELP tcpstate_resets_after_handshake_total Connections reset soon after ESTABLISHED (reset_after_handshake.within_seconds), by who sent the reset; received ones are what an on-path device rejecting requests looks like.
+# TYPE tcpstate_resets_after_handshake_total counter
+tcpstate_resets_after_handshake_total{direction="sent"} 1.0
+tcpstate_resets_after_handshake_total{direction="received"} 0.0
 # HELP tcpstate_handshake_duration_seconds Time from SYN_SENT to ESTABLISHED, one per active open.
 # TYPE tcpstate_handshake_duration_seconds histogram
 tcpstate_handshake_duration_seconds_bucket{le="5e-05"} 3.0
