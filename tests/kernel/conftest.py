@@ -71,6 +71,8 @@ class Delta:
     handshakes: int
     lifetimes: int
     misses: dict  # tracepoint -> runs the kernel skipped meanwhile
+    port_reuse: dict  # client|server -> n, non-zero only
+    resets_after_handshake: dict  # sent|received -> n, non-zero only
 
 
 def _diff(after: dict, before: dict) -> dict:
@@ -99,6 +101,8 @@ class Meter:
             handshakes=a.handshake.count - b.handshake.count,
             lifetimes=a.lifetime.count - b.lifetime.count,
             misses={tp: st[2] - b.programs[tp][2] for tp, st in a.programs.items()},
+            port_reuse=_diff(a.port_reuse, b.port_reuse),
+            resets_after_handshake=_diff(a.resets_after_handshake, b.resets_after_handshake),
         )
 
     def settle(self, expected_transitions: dict, timeout: float = 10.0) -> Delta:

@@ -39,6 +39,7 @@ def test_client_closes_first(netns, meter):
     assert d.failures == {}
     assert d.handshakes == N
     assert d.lifetimes == 2 * N  # both ends live on this host
+    assert d.port_reuse == {} and d.resets_after_handshake == {}  # fresh ephemeral ports, no resets
 
 
 def test_server_closes_first(netns, meter):
@@ -61,6 +62,7 @@ def test_connects_to_a_closed_port(netns, meter):
     assert d.failures == {"refused": N}
     assert d.opened == {}
     assert d.handshakes == 0 and d.lifetimes == 0
+    assert d.resets_after_handshake == {}  # never ESTABLISHED
 
 
 def test_aborts_with_so_linger_zero(netns, meter, layout):
@@ -77,6 +79,8 @@ def test_aborts_with_so_linger_zero(netns, meter, layout):
     assert d.resets[("received", "ESTABLISHED", "UNKNOWN")] == N
     assert d.failures == {}
     assert d.lifetimes == 2 * N
+    # Each abort came right after its handshake: once per connection at each end.
+    assert d.resets_after_handshake == {"sent": N, "received": N}
 
 
 def test_aborts_with_unread_data(netns, meter, layout):
@@ -88,6 +92,7 @@ def test_aborts_with_unread_data(netns, meter, layout):
     assert d.transitions == expected
     reason = "TCP_ABORT_ON_CLOSE" if layout.send_reset_has_reason else "UNKNOWN"
     assert d.resets == {("sent", "ESTABLISHED", reason): n, ("received", "ESTABLISHED", "UNKNOWN"): n}
+    assert d.resets_after_handshake == {"sent": n, "received": n}
 
 
 def test_ipv6(netns, layout):
@@ -155,6 +160,7 @@ def test_abort_in_fin_wait2_is_not_time_wait(netns, meter, layout):
     reason = "TCP_STATE" if layout.send_reset_has_reason else "UNKNOWN"
     assert d.resets == {("sent", "FIN_WAIT2", reason): n, ("received", "CLOSE_WAIT", "UNKNOWN"): n}
     assert d.lifetimes == 2 * n
+    assert d.resets_after_handshake == {"sent": n, "received": n}
 
 
 def test_connect_timeouts(netns, meter):

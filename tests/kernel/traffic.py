@@ -56,6 +56,50 @@ def server_closes_first(client_ns: str, listener: Listener, n: int) -> None:
         c.close()
 
 
+def from_fixed_port(client_ns: str, client_addr: str, listener: Listener, n: int, how: str, port: int = 0) -> int:
+    """n connections from one client port (SO_REUSEADDR), each ended before the next: "abort"
+    (the client resets: no TIME_WAIT anywhere) or "server_first" (the server's end goes to
+    TIME_WAIT and the next SYN reopens that 4-tuple). Returns the port."""
+    for _ in range(n):
+        c = socket_in(client_ns, listener.family)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        c.settimeout(5)
+        c.bind((client_addr, port))
+        port = c.getsockname()[1]
+        c.connect((listener.addr, listener.port))
+        s, _ = listener.sock.accept()
+        s.settimeout(5)
+        if how == "abort":
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+            expect_reset(s, "server")
+            s.close()
+        elif how == "server_first":
+            s.close()
+            assert c.recv(1) == b""
+            c.close()
+            _wait_closed(client_ns, client_addr, port)
+        else:
+            raise ValueError(how)
+    return port
+
+
+def _wait_closed(ns: str, addr: str, port: int) -> None:
+    """Until the client's LAST_ACK end is gone (the server's last ACK arrived), so the next
+    bind on the port cannot race it."""
+    import subprocess
+    import time
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Htn", "state", "last-ack", "src", f"{addr}:{port}"],
+                             capture_output=True, text=True, check=True).stdout
+        if not out.strip():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"{addr}:{port} still in LAST_ACK after 5 s")
+
+
 def refused(client_ns: str, addr: str, port: int, n: int, family: int = socket.AF_INET) -> None:
     for _ in range(n):
         c = socket_in(client_ns, family)

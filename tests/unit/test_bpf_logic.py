@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from monitor import events
-from monitor.events import C, Event, SockInfo, bpf_dir
+from monitor.events import C, OFFENDER_KINDS, ROLES, Event, Offender, OffenderKey, SockInfo, bpf_dir
 
 HARNESS = textwrap.dedent("""
     #include <stddef.h>
@@ -20,12 +20,26 @@ HARNESS = textwrap.dedent("""
     int failure_class(int err) { return tcpstate_failure_class(err); }
     int hist_bucket(unsigned long long us) { return tcpstate_hist_bucket(us); }
     int clamp_reason(unsigned int r) { return tcpstate_clamp_reason(r); }
+    int records_close(int o, int n) { return tcpstate_records_close(o, n); }
+    int opening_role(int o) { return tcpstate_opening_role(o); }
+    int reused(unsigned long long closed, unsigned long long now, unsigned long long window)
+    { return tcpstate_reused(closed, now, window); }
+    int early_reset(unsigned long long est, unsigned long long now, unsigned long long within, int flags)
+    { return tcpstate_early_reset(est, now, within, flags); }
+    int offender_keep(int kind, int has_sk, int tracked, int flags, int state)
+    { return tcpstate_offender_keep(kind, has_sk, tracked, flags, state); }
 
     #define O(s, f) printf(#s "." #f " %zu %zu\\n", offsetof(struct s, f), sizeof(((struct s *)0)->f))
     void layout(void)
     {
         printf("sizeof.tcpstate_event %zu\\n", sizeof(struct tcpstate_event));
         printf("sizeof.tcpstate_sock %zu\\n", sizeof(struct tcpstate_sock));
+        printf("sizeof.tcpstate_offender_key %zu\\n", sizeof(struct tcpstate_offender_key));
+        printf("sizeof.tcpstate_offender %zu\\n", sizeof(struct tcpstate_offender));
+        O(tcpstate_offender_key, raddr); O(tcpstate_offender_key, family); O(tcpstate_offender_key, rport);
+        O(tcpstate_offender_key, lport); O(tcpstate_offender_key, kind);
+        O(tcpstate_offender, count); O(tcpstate_offender, first_ns); O(tcpstate_offender, last_ns);
+        O(tcpstate_offender, pid); O(tcpstate_offender, comm);
         O(tcpstate_event, ts_ns); O(tcpstate_event, skaddr); O(tcpstate_event, delta_us);
         O(tcpstate_event, pid); O(tcpstate_event, family); O(tcpstate_event, sport);
         O(tcpstate_event, dport); O(tcpstate_event, kind); O(tcpstate_event, oldstate);
@@ -40,6 +54,8 @@ HARNESS = textwrap.dedent("""
         printf("const.TCPSTATE_HIST_STRIDE %d\\n", TCPSTATE_HIST_STRIDE);
         printf("const.TCPSTATE_REASON_UNKNOWN %d\\n", TCPSTATE_REASON_UNKNOWN);
         printf("const.TCPSTATE_STATE_UNKNOWN %d\\n", TCPSTATE_STATE_UNKNOWN);
+        printf("const.TCPSTATE_NOFFKINDS %d\\n", TCPSTATE_NOFFKINDS);
+        printf("const.TCPSTATE_NROLES %d\\n", TCPSTATE_NROLES);
     }
 """)
 
@@ -56,6 +72,8 @@ def logic(tmp_path_factory):
     lib = ctypes.CDLL(str(d / "logic.so"))
     lib.hist_bucket.argtypes = [ctypes.c_ulonglong]
     lib.clamp_reason.argtypes = [ctypes.c_uint]
+    lib.reused.argtypes = [ctypes.c_ulonglong] * 3
+    lib.early_reset.argtypes = [ctypes.c_ulonglong] * 3 + [ctypes.c_int]
     return lib
 
 
@@ -83,6 +101,16 @@ def test_sock_struct_matches_header(c_layout):
         if name == "pad":
             continue
         assert (getattr(SockInfo, name).offset, getattr(SockInfo, name).size) == c_layout[f"tcpstate_sock.{name}"], name
+
+
+@pytest.mark.parametrize("struct", [OffenderKey, Offender])
+def test_offender_structs_match_header(c_layout, struct):
+    cname = {"OffenderKey": "tcpstate_offender_key", "Offender": "tcpstate_offender"}[struct.__name__]
+    assert ctypes.sizeof(struct) == c_layout[f"sizeof.{cname}"][0]
+    for name, *_ in struct._fields_:
+        if name == "pad":
+            continue
+        assert (getattr(struct, name).offset, getattr(struct, name).size) == c_layout[f"{cname}.{name}"], name
 
 
 def test_python_reads_the_same_constants(c_layout):
@@ -148,3 +176,67 @@ def test_histogram_buckets_separate_1ms_1s_and_3s_handshakes(logic):
 def test_reason_clamped_to_unknown(logic):
     assert logic.clamp_reason(1) == 1
     assert logic.clamp_reason(500) == C["TCPSTATE_REASON_UNKNOWN"]
+
+
+def test_python_names_every_offender_kind_and_role(c_layout):
+    assert len(OFFENDER_KINDS) == c_layout["const.TCPSTATE_NOFFKINDS"][0]
+    assert len(ROLES) == c_layout["const.TCPSTATE_NROLES"][0]
+    assert OFFENDER_KINDS[C["TCPSTATE_OFF_PORT_REUSE"]] == "port_reuse"
+    assert ROLES[C["TCPSTATE_ROLE_SERVER"]] == "server"
+
+
+@pytest.mark.parametrize("old", [ESTABLISHED, FIN_WAIT2, CLOSING, LAST_ACK, CLOSE_WAIT, SYN_RECV, FIN_WAIT1])
+def test_a_connection_closing_is_remembered(logic, old):
+    assert logic.records_close(old, CLOSE) == 1
+
+
+@pytest.mark.parametrize("old,new", [(SYN_SENT, CLOSE), (LISTEN, CLOSE), (ESTABLISHED, FIN_WAIT1), (CLOSE, SYN_SENT)])
+def test_failed_connects_listeners_and_other_transitions_are_not(logic, old, new):
+    assert logic.records_close(old, new) == 0
+
+
+def test_the_4_tuple_is_looked_up_on_leaving_syn_sent_or_syn_recv(logic):
+    assert logic.opening_role(SYN_SENT) == C["TCPSTATE_ROLE_CLIENT"]
+    assert logic.opening_role(SYN_RECV) == C["TCPSTATE_ROLE_SERVER"]
+    # LISTEN->SYN_RECV: the child's peer address is not set yet when the kernel reports it.
+    assert [logic.opening_role(s) for s in (LISTEN, CLOSE, ESTABLISHED)] == [-1, -1, -1]
+
+
+def test_reuse_window(logic):
+    s = 10**9
+    assert logic.reused(5 * s, 65 * s, 60 * s) == 1  # at the edge
+    assert logic.reused(5 * s, 65 * s + 1, 60 * s) == 0
+    assert logic.reused(5 * s, 6 * s, 0) == 0  # window 0: off
+    assert logic.reused(0, 6 * s, 60 * s) == 0
+    assert logic.reused(7 * s, 6 * s, 60 * s) == 0  # a stamp from the future is no reuse
+
+
+def test_reset_after_handshake_once_and_within(logic):
+    ms = 10**6
+    early = C["TCPSTATE_SOCK_EARLY_RESET"]
+    assert logic.early_reset(100 * ms, 1100 * ms, 1000 * ms, 0) == 1
+    assert logic.early_reset(100 * ms, 1100 * ms + 1, 1000 * ms, 0) == 0
+    assert logic.early_reset(100 * ms, 200 * ms, 1000 * ms, early) == 0  # counted once per connection
+    assert logic.early_reset(0, 200 * ms, 1000 * ms, 0) == 0  # never ESTABLISHED (e.g. refused)
+    assert logic.early_reset(100 * ms, 200 * ms, 0, 0) == 0  # off
+
+
+LOCAL, REMOTE = 1, 2
+PASSIVE = C["TCPSTATE_SOCK_PASSIVE"]
+K = {name: C[f"TCPSTATE_OFF_{name}"] for name in ("RESET_SENT", "RESET_RECEIVED", "CONNECT_FAIL", "PORT_REUSE",
+                                                  "EARLY_RESET")}
+
+
+def test_offenders_keep_the_service_port_not_the_ephemeral_one(logic):
+    # A reset for no socket: a peer knocked on our port.
+    assert logic.offender_keep(K["RESET_SENT"], 0, 0, 0, 0) == LOCAL
+    # On a socket we accepted, or a listener: ours is the service port.
+    assert logic.offender_keep(K["RESET_RECEIVED"], 1, 1, PASSIVE, ESTABLISHED) == LOCAL
+    assert logic.offender_keep(K["RESET_SENT"], 1, 1, 0, LISTEN) == LOCAL
+    # On a socket we connected: the peer's is.
+    assert logic.offender_keep(K["RESET_RECEIVED"], 1, 1, 0, ESTABLISHED) == REMOTE
+    assert logic.offender_keep(K["EARLY_RESET"], 1, 1, 0, CLOSE) == REMOTE
+    assert logic.offender_keep(K["CONNECT_FAIL"], 1, 1, 0, SYN_SENT) == REMOTE
+    # An untracked socket cannot tell; a reuse is about the reused port: both.
+    assert logic.offender_keep(K["RESET_RECEIVED"], 1, 0, 0, 0) == LOCAL | REMOTE
+    assert logic.offender_keep(K["PORT_REUSE"], 1, 1, PASSIVE, SYN_RECV) == LOCAL | REMOTE
