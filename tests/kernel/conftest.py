@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -120,3 +121,23 @@ class Meter:
 @pytest.fixture
 def meter(probes, layout):
     return Meter(probes, layout)
+
+
+@pytest.fixture
+def on_path_rejecter():
+    """nftables in a server namespace, before its TCP stack: the first data segment to a port is
+    answered with a reset the server's socket never sees, as a firewall or IPS on the path would
+    do. Yields arm(namespace, port); the table goes when the test ends."""
+    table = f"tcpst{os.getpid()}"
+    armed = []
+
+    def arm(ns: str, port: int) -> None:
+        rules = (f"table inet {table} {{\n chain input {{\n type filter hook input priority 0; policy accept;\n"
+                 f" tcp dport {port} tcp flags & psh == psh reject with tcp reset\n }}\n}}\n")
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, text=True, check=True,
+                       capture_output=True)
+        armed.append(ns)
+
+    yield arm
+    for ns in armed:
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", table], capture_output=True)

@@ -1,7 +1,10 @@
 """The daemon's anomaly detectors on real traffic: a burst of refused connects fires rst_storm and
-connect_failures and resolves after it stops; TIME_WAIT over a low threshold fires time_wait_buildup."""
+connect_failures, with the storm's source as top offender, and resolves after it stops; TIME_WAIT
+over a low threshold fires time_wait_buildup; a fixed source port fires port_reuse; an on-path
+device's resets fire reset_after_handshake."""
 
 import json
+import os
 import queue
 import subprocess
 import threading
@@ -38,7 +41,9 @@ def daemon(pair):
             "--set", f"rst_storm.window_seconds={WINDOW}", "--set", f"rst_storm.hold_down_seconds={HOLD_DOWN}",
             "--set", "rst_storm.rate=50", "--set", "rst_storm.baseline_factor=0",
             "--set", f"connect_failures.window_seconds={WINDOW}", "--set", f"connect_failures.hold_down_seconds={HOLD_DOWN}",
-            "--set", "time_wait_buildup.fraction=0.25", "--set", "time_wait_buildup.utilization=0"]
+            "--set", "time_wait_buildup.fraction=0.25", "--set", "time_wait_buildup.utilization=0",
+            "--set", f"port_reuse.window_seconds={WINDOW}", "--set", "port_reuse.rate=2",
+            "--set", f"reset_after_handshake.window_seconds={WINDOW}", "--set", "reset_after_handshake.rate=2"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     events: queue.Queue = queue.Queue()
 
@@ -83,11 +88,25 @@ def test_refused_connect_burst_fires_and_resolves(pair, daemon):
     causes = {(c["direction"], c["state"], c["reason"]) for c in fire["details"]["top_causes"]}
     assert {("sent", "NONE", "NO_SOCKET"), ("received", "SYN_SENT", "UNKNOWN")} <= causes
     assert fire["time"].endswith("Z") and fire["summary"].startswith("Resets at ")
+    # Who: the server's kernel answered the client's address on port 9, and the client's
+    # process (this one) got the resets from the server's port 9; BURST of each, one entry each.
+    top = {(p["kind"], p["remote"], p["remote_port"], p["local_port"]): p for p in fire["details"]["top_offenders"]}
+    assert set(top) == {("reset_sent", pair.CLIENT_ADDR, None, 9), ("reset_received", pair.SERVER_ADDR, 9, None)}
+    sent, received = top[("reset_sent", pair.CLIENT_ADDR, None, 9)], top[("reset_received", pair.SERVER_ADDR, 9, None)]
+    assert sent["pid"] is None and received["pid"] == os.getpid()
+    # The event may come mid-burst; the counts reach BURST exactly by its end (checked below).
+    assert 0 < sent["count"] <= BURST and 0 < received["count"] <= BURST
+    assert fire["summary"].endswith(")") and "; top peer: " in fire["summary"]
     _, failing = next_event(events, "connect_failures", "firing", WINDOW + TICK + 1.0)
     assert failing["details"]["by_reason"].get("refused", 0) > 0
+    (culprit,) = failing["details"]["top_offenders"]
+    assert (culprit["kind"], culprit["remote"], culprit["remote_port"], culprit["pid"]) == \
+        ("connect_failure", pair.SERVER_ADDR, 9, os.getpid())
     # Resolves once the window has emptied and the hold-down has passed.
     t_res, res = next_event(events, "rst_storm", "resolved", WINDOW + HOLD_DOWN + 2 * TICK + 2.0)
     assert t_res - t1 >= HOLD_DOWN and res["details"]["peak"] >= fire["value"]
+    final = {(p["kind"], p["remote"]): p["count"] for p in res["details"]["top_offenders"]}
+    assert final == {("reset_sent", pair.CLIENT_ADDR): BURST, ("reset_received", pair.SERVER_ADDR): BURST}
     after = samples(get(base + "/metrics")[1])
     resets = sum(v for (name, labels), v in after.items() if name == "tcpstate_resets_total") - \
         sum(v for (name, labels), v in before.items() if name == "tcpstate_resets_total")
@@ -108,6 +127,56 @@ def test_time_wait_over_a_fraction_of_the_limit_fires(pair, daemon):
     assert ns["time_wait_limit"] == 40 and ns["time_wait"] >= 10
     s = samples(get(base + "/metrics")[1])
     assert s[("tcpstate_anomaly_active", (("kind", "time_wait_buildup"),))] == 1
+
+
+def test_fixed_source_port_fires_port_reuse(pair, daemon):
+    base, events = daemon
+    before = samples(get(base + "/metrics")[1])
+    n = 20
+    with traffic.Listener(pair.server, pair.SERVER_ADDR) as lst:
+        port = traffic.from_fixed_port(pair.client, pair.CLIENT_ADDR, lst, n, "abort")
+    _, e = next_event(events, "port_reuse", "firing", WINDOW + TICK + 1.0)
+    assert e["threshold"] == 2 and e["value"] >= 2
+    top = {(p["remote"], p["remote_port"], p["local_port"]): p for p in e["details"]["top_offenders"]}
+    # Both ends of each reused 4-tuple: the server saw the client's port again, the client its own.
+    assert top[(pair.CLIENT_ADDR, port, lst.port)]["count"] == n - 1
+    assert top[(pair.SERVER_ADDR, lst.port, port)]["count"] == n - 1
+    assert top[(pair.SERVER_ADDR, lst.port, port)]["pid"] == os.getpid()
+    after = samples(get(base + "/metrics")[1])
+    for role in ("client", "server"):
+        key = ("tcpstate_port_reuse_total", (("role", role),))
+        assert after[key] - before[key] == n - 1
+
+
+def test_on_path_resets_fire_reset_after_handshake(pair, daemon, on_path_rejecter):
+    base, events = daemon
+    before = samples(get(base + "/metrics")[1])
+    n = 20
+    with traffic.Listener(pair.server, pair.SERVER_ADDR) as lst:
+        on_path_rejecter(pair.server, lst.port)
+        accepted = []
+        try:
+            for _ in range(n):
+                c, s = traffic._connect(pair.client, lst)
+                accepted.append(s)
+                c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                traffic.expect_reset(c, "client")
+                c.close()
+            _, e = next_event(events, "reset_after_handshake", "firing", WINDOW + TICK + 1.0)
+            after = samples(get(base + "/metrics")[1])
+        finally:
+            time.sleep(1.2)  # past the 1 s window before the server's ends close
+            for s in accepted:
+                s.close()
+    assert e["summary"].startswith("Connections reset by the peer within 1 s of the handshake at ")
+    (culprit,) = e["details"]["top_offenders"]
+    assert (culprit["remote"], culprit["remote_port"], culprit["local_port"], culprit["pid"]) == \
+        (pair.SERVER_ADDR, lst.port, None, os.getpid())
+    assert 0 < culprit["count"] <= n
+    key = ("tcpstate_resets_after_handshake_total", (("direction", "received"),))
+    assert after[key] - before[key] == n
+    sent = ("tcpstate_resets_after_handshake_total", (("direction", "sent"),))
+    assert after[sent] == before[sent]  # no socket on either end sent them
 
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]

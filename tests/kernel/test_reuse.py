@@ -4,11 +4,8 @@ between the test's namespaces: exact counts, both ends of each connection on thi
 import os
 import socket
 import struct
-import subprocess
 import time
 from pathlib import Path
-
-import pytest
 
 from monitor import offenders
 
@@ -110,29 +107,11 @@ def test_reset_after_the_window_is_not_early(netns, probes, meter):
     assert sum(d.resets.values()) == 2 and d.resets_after_handshake == {}
 
 
-@pytest.fixture
-def on_path_rejecter(netns):
-    """nftables in the server's namespace, before its TCP stack: the first data segment to the
-    port is answered with a reset the server's socket never sees, as a firewall or IPS on the
-    path would do. Yields a function that arms it for a port."""
-    table = f"tcpst{os.getpid()}"
-
-    def arm(port: int) -> None:
-        rules = (f"table inet {table} {{\n chain input {{\n type filter hook input priority 0; policy accept;\n"
-                 f" tcp dport {port} tcp flags & psh == psh reject with tcp reset\n }}\n}}\n")
-        subprocess.run(["ip", "netns", "exec", netns.server, "nft", "-f", "-"], input=rules, text=True, check=True,
-                       capture_output=True)
-
-    yield arm
-    subprocess.run(["ip", "netns", "exec", netns.server, "nft", "delete", "table", "inet", table],
-                   capture_output=True)
-
-
 def test_on_path_resets_after_the_handshake(netns, probes, meter, on_path_rejecter):
     """The mysterious reset: the client receives it right after the handshake, and no socket on
     either end sent it. Counted as received after the handshake, with the service as offender."""
     with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:
-        on_path_rejecter(lst.port)
+        on_path_rejecter(netns.server, lst.port)
         accepted = []
         try:
             for _ in range(N):

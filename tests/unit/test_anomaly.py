@@ -295,3 +295,152 @@ def test_anomaly_metrics():
     assert reg.get_sample_value("tcpstate_anomaly_webhook_events_total", {"result": "dropped"}) == 2
     text = generate_latest(reg).decode()
     assert '# TYPE tcpstate_anomaly_active gauge\ntcpstate_anomaly_active{kind="rst_storm"} 1.0\n' in text
+
+
+# --- port_reuse and reset_after_handshake ---------------------------------------------------------
+
+def reuse_counts(client, server=0):
+    c = Counts()
+    c.port_reuse = {"client": client, "server": server}
+    return c
+
+
+def test_port_reuse_fires_once_and_resolves():
+    d = anomaly.PortReuse(cfg("port_reuse", window_seconds=10.0, hold_down_seconds=5.0, rate=2.0))
+    total, out = 0, []
+    for i, inc in enumerate([0] * 10 + [5] * 10 + [0] * 30):  # 5 reuses/s for 10 s
+        total += inc
+        e = d.step(Sample(T0 + i, reuse_counts(total, total)))
+        if e:
+            out.append((i, e))
+    # 10 reuses per step (5 per role) from i=10: the 10 s window holds 20 of them (2/s) at i=11.
+    # The last ones come at i=19; from i=28 the window holds only those (1/s): clear, and
+    # resolved after the 5 s hold-down.
+    assert [(i, e.status) for i, e in out] == [(11, "firing"), (28 + 5, "resolved")]
+    fire = out[0][1]
+    assert (fire.kind, fire.severity, fire.value, fire.threshold) == ("port_reuse", "warning", 2.0, 2.0)
+    assert fire.details["by_role"] == {"client": 10, "server": 10}
+    assert "less than 60 s before (10 as client, 10 as server)" in fire.summary
+    assert out[1][1].details["peak"] == 10.0  # the window full of the burst
+
+
+def test_port_reuse_quiet_below_the_rate():
+    d = anomaly.PortReuse(cfg("port_reuse", window_seconds=10.0, rate=2.0))
+    assert all(d.step(Sample(T0 + i, reuse_counts(i))) is None for i in range(60))  # 1/s
+    assert not d.active
+
+
+def early_counts(received, opened, sent=0):
+    c = Counts()
+    c.resets_after_handshake = {"sent": sent, "received": received}
+    c.opened = {"active": opened, "passive": 0}
+    return c
+
+
+def run_early(d, series):
+    out = []
+    for i, (received, opened, sent) in enumerate(series):
+        e = d.step(Sample(T0 + i, early_counts(received, opened, sent)))
+        if e:
+            out.append((i, e))
+    return out
+
+
+def test_reset_after_handshake_rate():
+    d = anomaly.ResetAfterHandshake(cfg("reset_after_handshake", window_seconds=5.0, hold_down_seconds=3.0,
+                                        rate=2.0, fraction=0.0))
+    series = [(3 * i, 100 * i, 0) for i in range(10)] + [(27, 100 * i, 0) for i in range(10, 30)]
+    out = run_early(d, series)
+    # 3/s until i=9; at i=11 the 5 s window holds 9 (1.8/s): clear, resolved 3 s later.
+    assert [(i, e.status) for i, e in out] == [(1, "firing"), (11 + 3, "resolved")]
+    fire = out[0][1]
+    assert fire.value == 3.0 and fire.threshold == 2.0
+    assert fire.summary.startswith("Connections reset by the peer within 1 s of the handshake at 3.0/s")
+
+
+def test_reset_after_handshake_fraction_needs_min_connections():
+    c = cfg("reset_after_handshake", window_seconds=10.0, rate=0.0, fraction=0.5, min_connections=20)
+    # Every connection reset, but only 1 per second: 10 in the window, under min_connections.
+    d = anomaly.ResetAfterHandshake(c)
+    assert run_early(d, [(i, i, 0) for i in range(30)]) == []
+    # Twice as many connections, 60% reset: fires once the window holds 20 of them.
+    d = anomaly.ResetAfterHandshake(c)
+    out = run_early(d, [(int(1.2 * i), 2 * i, 0) for i in range(30)])
+    (i, fire), = out
+    assert i == 10 and fire.value == 0.6 and fire.threshold == 0.5
+    assert fire.summary.startswith("60% of 20 connections reset by the peer within 1 s of the handshake")
+    assert fire.details["connections_opened"] == 20 and fire.details["received"] == 12
+
+
+def test_reset_after_handshake_sent_only_with_sent_rate():
+    series = [(0, 10 * i, 5 * i) for i in range(20)]  # this host aborts 5 connections/s right away
+    assert run_early(anomaly.ResetAfterHandshake(cfg("reset_after_handshake")), series) == []
+    out = run_early(anomaly.ResetAfterHandshake(cfg("reset_after_handshake", sent_rate=4.0)), series)
+    assert [e.status for _, e in out] == ["firing"]
+    assert out[0][1].summary.startswith("Connections reset by this host within 1 s of the handshake at 5.0/s")
+
+
+# --- top offenders in events ------------------------------------------------------------------------
+
+from monitor.offenders import Peer  # noqa: E402
+
+
+def peer(kind, remote, count, last, remote_port=None, local_port=None, pid=None, comm=None):
+    return Peer(kind, remote, remote_port, local_port, count, T0 - 100, last, pid, comm)
+
+
+PEERS = [
+    peer("reset_sent", "198.18.0.1", 300, T0 + 2, local_port=9),
+    peer("reset_received", "198.18.0.2", 300, T0 + 2, remote_port=9, pid=42, comm="curl"),
+    peer("reset_sent", "198.18.0.7", 5000, T0 - 50, local_port=22),  # a big storm, long over
+    peer("reset_sent", "198.18.0.5", 7, T0 + 1, local_port=80),
+    peer("connect_failure", "198.18.0.2", 300, T0 + 2, remote_port=9, pid=42, comm="curl"),
+]
+
+
+def storm_engine(peers_fn, n=5):
+    det = RstStorm(cfg("rst_storm", window_seconds=2.0, rate=10.0, baseline_factor=0.0, hold_down_seconds=1.0))
+    series = iter([counts(sent=n) for n in (0, 300, 600, 600, 600, 600, 600)])
+    clock = iter([T0 + i for i in range(7)])
+    return Engine([det], lambda: next(series), lambda: {}, [], 1.0, clock=lambda: next(clock),
+                  read_offenders=peers_fn, top_offenders=n)
+
+
+def test_events_carry_the_top_offenders_of_their_window_and_kinds():
+    eng = storm_engine(lambda: PEERS)
+    eng.tick()
+    (fire,) = eng.tick()
+    top = fire.details["top_offenders"]
+    # Reset peers only (not the failed connects), seen within the window, most counted first.
+    assert [(p["kind"], p["remote"], p["count"]) for p in top] == [
+        ("reset_sent", "198.18.0.1", 300), ("reset_received", "198.18.0.2", 300), ("reset_sent", "198.18.0.5", 7)]
+    assert top[0] == {"kind": "reset_sent", "remote": "198.18.0.1", "remote_port": None, "local_port": 9,
+                      "count": 300, "first_seen": "2027-01-15T07:58:20.000Z", "last_seen": "2027-01-15T08:00:02.000Z",
+                      "pid": None, "comm": None}
+    assert fire.summary.endswith("; top peer: 198.18.0.1 to local port 9 (300 reset sent)")
+    json.loads(fire.to_json())
+
+
+def test_resolved_event_names_the_offenders_since_it_fired():
+    eng = storm_engine(lambda: PEERS, n=1)
+    events = [e for _ in range(7) for e in eng.tick()]
+    assert [e.status for e in events] == ["firing", "resolved"]
+    assert [p["remote"] for p in events[1].details["top_offenders"]] == ["198.18.0.1"]
+
+
+def test_offenders_unreadable_still_sends_the_event():
+    def broken():
+        raise OSError("map gone")
+
+    eng = storm_engine(broken)
+    eng.tick()
+    (fire,) = eng.tick()
+    assert fire.details["top_offenders"] is None and "top peer" not in fire.summary
+
+
+def test_offender_descriptions():
+    assert PEERS[1].describe() == "curl (pid 42) to 198.18.0.2:9 (300 reset received)"
+    p = peer("port_reuse", "2001:db8::1", 3, T0, remote_port=443, local_port=40000, pid=7, comm="app")
+    assert p.describe() == "app (pid 7) to [2001:db8::1]:443 from local port 40000 (3 port reuse)"
+    assert peer("port_reuse", "198.18.0.1", 2, T0, remote_port=40000, local_port=80).describe() == \
+        "198.18.0.1:40000 to local port 80 (2 port reuse)"
