@@ -162,6 +162,7 @@ DETECTOR_DEFAULTS: dict[str, dict] = {
     },
 }
 FRACTION_KEYS = {"fraction", "utilization"}
+MAX_VALUES = {"reuse_within_seconds": 3600.0, "within_seconds": 3600.0}  # kernel windows: an hour at most
 POSITIVE_KEYS = {"window_seconds", "interval_seconds"}
 
 
@@ -207,6 +208,8 @@ def check_value(section: str, key: str, value):
         raise ConfigError(f"{name}: must be {'> 0' if key in POSITIVE_KEYS else '>= 0'}, got {value!r}")
     if key in FRACTION_KEYS and value > 1:
         raise ConfigError(f"{name}: must be a fraction from 0 to 1, got {value!r}")
+    if key in MAX_VALUES and value > MAX_VALUES[key]:
+        raise ConfigError(f"{name}: must be <= {MAX_VALUES[key]:g}, got {value!r}")
     return type(default)(value)
 
 

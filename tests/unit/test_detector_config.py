@@ -29,6 +29,16 @@ def test_file_then_overrides(tmp_path):
     assert isinstance(c["time_wait_buildup"]["fraction"], float)  # an int in TOML is fine for a float key
 
 
+def test_kernel_windows_and_offenders_settable(tmp_path):
+    path = write(tmp_path, "[anomaly]\ntop_offenders = 0\n\n[port_reuse]\nreuse_within_seconds = 0\nrate = 5\n\n"
+                           "[reset_after_handshake]\nwithin_seconds = 0.25\nsent_rate = 3\n")
+    c = load_detector_config(path, ("reset_after_handshake.min_connections=50",))
+    assert c["anomaly"]["top_offenders"] == 0 and c["port_reuse"]["reuse_within_seconds"] == 0.0
+    assert c["port_reuse"]["rate"] == 5.0
+    assert c["reset_after_handshake"] == dict(DETECTOR_DEFAULTS["reset_after_handshake"], within_seconds=0.25,
+                                              sent_rate=3.0, min_connections=50)
+
+
 @pytest.mark.parametrize("text, message", [
     ("[rst_storm]\nrate = 5\nbogus = 1\n", ":3: rst_storm.bogus: unknown key (known: enabled, "),
     ("[rst_storms]\nrate = 5\n", ":1: unknown section 'rst_storms' (known: [anomaly], [rst_storm], "),
@@ -43,6 +53,11 @@ def test_file_then_overrides(tmp_path):
     ("[connect_failures]\nseverity = \"page\"\n", ":2: connect_failures.severity: must be one of info, warning, "
                                                   "critical, got 'page'"),
     ("[rst_storm]\nrate = = 5\n", ": not valid TOML: Invalid value (at line 2, column 8)"),
+    ("[port_reuse]\nreuse_within_seconds = 7200\n", ":2: port_reuse.reuse_within_seconds: must be <= 3600, got 7200"),
+    ("[reset_after_handshake]\nwithin_seconds = -0.5\n", ":2: reset_after_handshake.within_seconds: must be >= 0"),
+    ("[reset_after_handshake]\nmin_connections = 2.5\n", ":2: reset_after_handshake.min_connections: must be a "
+                                                         "whole number"),
+    ("[anomaly]\ntop_offenders = -1\n", ":2: anomaly.top_offenders: must be >= 0, got -1"),
     ("rate = 5\n", ": unknown section 'rate'"),
 ])
 def test_file_errors_say_where(tmp_path, text, message):
