@@ -43,7 +43,7 @@ BPF_PERCPU_ARRAY(connect_fails, __u64, TCPSTATE_NFAILS);
 BPF_PERCPU_ARRAY(durations, __u64, TCPSTATE_NHIST * TCPSTATE_HIST_STRIDE);
 BPF_PERCPU_ARRAY(stats, __u64, TCPSTATE_NSTATS);
 BPF_PERCPU_ARRAY(port_reuse, __u64, TCPSTATE_NROLES);
-BPF_PERCPU_ARRAY(resets_after_hs, __u64, 2);  /* index: TCPSTATE_DIR_* */
+BPF_PERCPU_ARRAY(resets_after_hs, __u64, TCPSTATE_NRESETS_AFTER_HS);
 BPF_ARRAY(settings, __u64, TCPSTATE_NSETTINGS);
 BPF_TABLE("lru_hash", __u64, struct tcpstate_sock, socks, TCPSTATE_MAX_SOCKS);
 
@@ -80,13 +80,16 @@ struct flow {
 	__u8 daddr[16];
 };
 
+/* Both tables take an insert per connection or per reset: per-CPU LRU lists (each CPU evicts
+ * from its own share) spare them the global LRU lock under churn. */
 #if TCPSTATE_MAX_CLOSES > 0
 /* 4-tuple -> when a connection on it closed: the next connection on it within the reuse window
  * is a port reuse. LRU: at more closes per window than it holds, the oldest are forgotten. */
-BPF_TABLE("lru_hash", struct flow, __u64, recent_closes, TCPSTATE_MAX_CLOSES);
+BPF_F_TABLE("lru_hash", struct flow, __u64, recent_closes, TCPSTATE_MAX_CLOSES, BPF_F_NO_COMMON_LRU);
 #endif
 #if TCPSTATE_MAX_OFFENDERS > 0
-BPF_TABLE("lru_hash", struct tcpstate_offender_key, struct tcpstate_offender, offenders, TCPSTATE_MAX_OFFENDERS);
+BPF_F_TABLE("lru_hash", struct tcpstate_offender_key, struct tcpstate_offender, offenders, TCPSTATE_MAX_OFFENDERS,
+	    BPF_F_NO_COMMON_LRU);
 #endif
 
 /* Per-CPU slots: the kernel refuses a nested BPF run on the same CPU, so ++ does not race. */
@@ -122,6 +125,10 @@ static __always_inline void offend(struct flow *f, __u8 kind, int has_sk, struct
 		o = offenders.lookup(&k);
 		if (!o)
 			return;
+	} else if (now > o->last_ns + setting(TCPSTATE_SET_OFFENDER_IDLE_NS)) {
+		/* A new run after a quiet spell: an old storm's total must not outrank today's. */
+		o->count = 0;
+		o->first_ns = now;
 	}
 	__sync_fetch_and_add(&o->count, 1);
 	o->last_ns = now;
@@ -361,21 +368,27 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 
 	__u64 delta_us = 0;
 	if (s) {
-		if (newstate == TCPSTATE_TCP_SYN_SENT || newstate == TCPSTATE_TCP_LISTEN) {
-			/* A new life for the socket (it can connect again after a failure). A close
-			 * still pending had no reset, so it was TIME_WAIT. */
+		int accepted = oldstate == TCPSTATE_TCP_LISTEN && newstate == TCPSTATE_TCP_SYN_RECV;
+		if (newstate == TCPSTATE_TCP_SYN_SENT || newstate == TCPSTATE_TCP_LISTEN || accepted) {
+			/* A new life for the socket (it can connect again after a failure; an entry
+			 * left at this address by a socket whose destruction we missed starts over).
+			 * A close still pending had no reset, so it was TIME_WAIT. */
 			if (s->flags & TCPSTATE_SOCK_CLOSE_PENDING)
 				inc_transitions(s->prev_state * TCPSTATE_NSTATES + TCPSTATE_TCP_TIME_WAIT);
 			s->flags &= TCPSTATE_SOCK_FAIL_PENDING;  /* still to be settled at destroy */
 			s->prev_state = 0;
 			s->est_ts_ns = 0;
 			s->syn_ts_ns = 0;
-			/* connect() and listen() run in the owning process's context. */
-			s->pid = bpf_get_current_pid_tgid() >> 32;
-			bpf_get_current_comm(&s->comm, sizeof(s->comm));
+			if (accepted) {
+				/* Runs in softirq context: the current process is not the owner. */
+				s->flags |= TCPSTATE_SOCK_PASSIVE;
+				s->pid = 0;
+			} else {
+				/* connect() and listen() run in the owning process's context. */
+				s->pid = bpf_get_current_pid_tgid() >> 32;
+				bpf_get_current_comm(&s->comm, sizeof(s->comm));
+			}
 		}
-		if (oldstate == TCPSTATE_TCP_LISTEN && newstate == TCPSTATE_TCP_SYN_RECV)
-			s->flags |= TCPSTATE_SOCK_PASSIVE;
 		if (newstate == TCPSTATE_TCP_SYN_SENT)
 			s->syn_ts_ns = now;
 		if (newstate == TCPSTATE_TCP_ESTABLISHED) {
@@ -383,7 +396,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 				observe(TCPSTATE_HIST_HANDSHAKE, now - s->syn_ts_ns);
 			s->est_ts_ns = now;
 		}
-		if (newstate == TCPSTATE_TCP_CLOSE) {
+		if (newstate == TCPSTATE_TCP_CLOSE && oldstate != TCPSTATE_TCP_CLOSE) {
 			/* est_ts_ns stays: a reset sent after an abort's CLOSE still needs it. */
 			if (s->est_ts_ns)
 				observe(TCPSTATE_HIST_LIFETIME, now - s->est_ts_ns);
@@ -463,7 +476,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 	offend(&f, TCPSTATE_OFF_RESET_SENT, skaddr != 0, s, now);
 	if (s && tcpstate_early_reset(s->est_ts_ns, now, setting(TCPSTATE_SET_EARLY_RESET_NS), s->flags)) {
 		s->flags |= TCPSTATE_SOCK_EARLY_RESET;
-		inc_resets_after_hs(TCPSTATE_DIR_SENT);
+		inc_resets_after_hs(TCPSTATE_DIR_SENT * TCPSTATE_NROLES + tcpstate_sock_role(s->flags));
 		offend(&f, TCPSTATE_OFF_EARLY_RESET, 1, s, now);
 	}
 #ifdef TCPSTATE_EMIT_EVENTS
@@ -494,7 +507,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 	/* What an on-path device rejecting requests looks like: a reset right after the handshake. */
 	if (s && tcpstate_early_reset(s->est_ts_ns, now, setting(TCPSTATE_SET_EARLY_RESET_NS), s->flags)) {
 		s->flags |= TCPSTATE_SOCK_EARLY_RESET;
-		inc_resets_after_hs(TCPSTATE_DIR_RECEIVED);
+		inc_resets_after_hs(TCPSTATE_DIR_RECEIVED * TCPSTATE_NROLES + tcpstate_sock_role(s->flags));
 		offend(&f, TCPSTATE_OFF_EARLY_RESET, 1, s, now);
 	}
 #ifdef TCPSTATE_EMIT_EVENTS

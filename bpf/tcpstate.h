@@ -69,15 +69,18 @@
 #define TCPSTATE_SOCK_PASSIVE 8        /* an accepted connection (LISTEN->SYN_RECV), not a connect() */
 #define TCPSTATE_SOCK_EARLY_RESET 16   /* already counted in resets_after_hs */
 
-/* port_reuse index: which end of the reused 4-tuple this host's socket is */
+/* Which end of a connection this host's socket is: it connected (client) or accepted (server).
+ * port_reuse index: role; resets_after_hs index: direction * NROLES + role. */
 #define TCPSTATE_ROLE_CLIENT 0
 #define TCPSTATE_ROLE_SERVER 1
 #define TCPSTATE_NROLES 2
+#define TCPSTATE_NRESETS_AFTER_HS (2 * TCPSTATE_NROLES)
 
 /* settings index: values user space writes after loading (nanoseconds; 0 turns the check off) */
 #define TCPSTATE_SET_REUSE_WINDOW_NS 0  /* a new connection on a 4-tuple closed this recently is a reuse */
 #define TCPSTATE_SET_EARLY_RESET_NS 1   /* a reset this soon after ESTABLISHED is "after the handshake" */
-#define TCPSTATE_NSETTINGS 2
+#define TCPSTATE_SET_OFFENDER_IDLE_NS 2 /* an offender silent this long starts counting again from 0 */
+#define TCPSTATE_NSETTINGS 3
 
 /* Kinds of the offenders table: who the resets, failures and reuses are with. */
 #define TCPSTATE_OFF_RESET_SENT 0
@@ -134,7 +137,7 @@ struct tcpstate_offender_key {
 
 struct tcpstate_offender {
 	__u64 count;      /* since first_ns */
-	__u64 first_ns;   /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 first_ns;   /* bpf_ktime_get_ns() (CLOCK_MONOTONIC); restarts after an idle gap */
 	__u64 last_ns;
 	__u32 pid;        /* tgid of the process that opened the socket; 0 if unknown */
 	__u32 pad;

@@ -94,6 +94,11 @@ static __always_inline int tcpstate_reused(__u64 closed_ns, __u64 now, __u64 win
 	return window_ns != 0 && closed_ns != 0 && now >= closed_ns && now - closed_ns <= window_ns;
 }
 
+static __always_inline __u32 tcpstate_sock_role(__u8 sock_flags)
+{
+	return (sock_flags & TCPSTATE_SOCK_PASSIVE) ? TCPSTATE_ROLE_SERVER : TCPSTATE_ROLE_CLIENT;
+}
+
 /* A reset within within_ns (0: off) of the socket becoming ESTABLISHED, once per connection. */
 static __always_inline int tcpstate_early_reset(__u64 est_ns, __u64 now, __u64 within_ns, __u8 sock_flags)
 {

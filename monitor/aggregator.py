@@ -23,7 +23,7 @@ class RawCounters:
     durations: tuple
     stats: tuple
     port_reuse: tuple = (0,) * C["TCPSTATE_NROLES"]
-    resets_after_hs: tuple = (0, 0)
+    resets_after_hs: tuple = (0,) * C["TCPSTATE_NRESETS_AFTER_HS"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Counts:
     programs: dict = field(default_factory=dict)  # tracepoint -> ProgramStats-like (run_time_ns, run_cnt, recursion_misses)
     untracked_transitions: int = 0
     port_reuse: dict = field(default_factory=dict)  # client|server -> n
-    resets_after_handshake: dict = field(default_factory=dict)  # sent|received -> n
+    resets_after_handshake: dict = field(default_factory=dict)  # (sent|received, client|server) -> n
 
 
 def _histogram(raw: tuple, which: int) -> Histogram:
@@ -85,7 +85,8 @@ def aggregate(raw: RawCounters, reasons: dict[int, str], programs: dict | None =
     counts.events_lost = counts.ring_buffer_lost + sum(p[2] for p in counts.programs.values())
     counts.untracked_transitions = raw.stats[C["TCPSTATE_STAT_SOCK_UNTRACKED"]]
     counts.port_reuse = dict(zip(ROLES, raw.port_reuse))
-    counts.resets_after_handshake = dict(zip(DIRECTIONS, raw.resets_after_hs))
+    counts.resets_after_handshake = {(d, r): raw.resets_after_hs[i * len(ROLES) + j]
+                                     for i, d in enumerate(DIRECTIONS) for j, r in enumerate(ROLES)}
     return counts
 
 
@@ -97,5 +98,5 @@ def empty_raw() -> RawCounters:
         durations=(0,) * (C["TCPSTATE_NHIST"] * STRIDE),
         stats=(0,) * C["TCPSTATE_NSTATS"],
         port_reuse=(0,) * C["TCPSTATE_NROLES"],
-        resets_after_hs=(0,) * len(DIRECTIONS),
+        resets_after_hs=(0,) * C["TCPSTATE_NRESETS_AFTER_HS"],
     )

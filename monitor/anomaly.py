@@ -352,8 +352,10 @@ class PortReuse(Detector):
 
 class ResetAfterHandshake(Detector):
     """Connections reset within within_seconds of becoming ESTABLISHED (counted in the kernel, once
-    per connection): received ones per second above rate, or as a fraction of the connections
-    opened once there are min_connections; sent ones above sent_rate."""
+    per connection). The middlebox signature is a reset received on a connection this host made:
+    those per second above rate, or as a fraction of the connections it made once there are
+    min_connections. Resets this host sent (any role) above sent_rate. Resets received by a
+    server (clients aborting, e.g. health checks) are reported, never fired on."""
 
     kind = "reset_after_handshake"
     offender_kinds = ("reset_after_handshake",)
@@ -366,25 +368,29 @@ class ResetAfterHandshake(Detector):
         if sample.counts is None:
             return None
         counts = sample.counts
-        values = dict(counts.resets_after_handshake, opened=sum(counts.opened.values()))
+        early = counts.resets_after_handshake  # (direction, role) -> n
+        values = {f"{d}:{r}": n for (d, r), n in early.items()}
+        values["sent"] = sum(n for (d, _), n in early.items() if d == "sent")
+        values["opened"] = counts.opened.get("active", 0)
         self.window.add(sample.time, values)
-        received, sent = self.window.rate("received"), self.window.rate("sent")
+        received, sent = self.window.rate("received:client"), self.window.rate("sent")
         if received is None:
             return None
         c = self.cfg
-        n_received, opened = self.window.delta("received"), self.window.delta("opened")
+        n_received, opened = self.window.delta("received:client"), self.window.delta("opened")
         fraction = n_received / opened if opened else 0.0
         span = self.window.span()
         within = f"within {c['within_seconds']:g} s of the handshake"
         details = {"rate_per_second": {"received": _round(received), "sent": _round(sent)},
-                   "received": int(n_received), "sent": int(self.window.delta("sent")),
-                   "connections_opened": int(opened), "within_seconds": c["within_seconds"]}
+                   "by_direction_and_role": {k: int(self.window.delta(k)) for k in sorted(values)
+                                             if ":" in k},
+                   "connections_made": int(opened), "within_seconds": c["within_seconds"]}
         if c["rate"] > 0 and received >= c["rate"]:
             return Verdict(True, received, c["rate"], f"Connections reset by the peer {within} at {received:.1f}/s "
                            f"over {span:.0f} s (over {c['rate']:g}/s)", details)
         if c["fraction"] > 0 and opened >= c["min_connections"] and fraction >= c["fraction"]:
-            return Verdict(True, fraction, c["fraction"], f"{fraction:.0%} of {int(opened)} connections reset by "
-                           f"the peer {within} over {span:.0f} s (over {c['fraction']:.0%})", details)
+            return Verdict(True, fraction, c["fraction"], f"{fraction:.0%} of {int(opened)} connections made were reset "
+                           f"by the peer {within} over {span:.0f} s (over {c['fraction']:.0%})", details)
         if c["sent_rate"] > 0 and sent >= c["sent_rate"]:
             return Verdict(True, sent, c["sent_rate"], f"Connections reset by this host {within} at {sent:.1f}/s "
                            f"over {span:.0f} s (over {c['sent_rate']:g}/s)", details)
@@ -425,13 +431,16 @@ class Engine:
             counts = None
         sample = Sample(self._clock(), counts, dict(self._read_namespaces()))
         stepped = [(d, e) for d in self.detectors if (e := d.step(sample)) is not None]
-        peers = None
+        peers, read = None, False
         events = []
         for d, event in stepped:
-            if d.offender_kinds and self._read_offenders is not None and self.top_offenders > 0:
-                if peers is None:
-                    peers = self._peers()
-                event = self._with_offenders(d, event, peers)
+            if d.offender_kinds:
+                if self._read_offenders is None or self.top_offenders == 0:
+                    event = replace(event, details=dict(event.details, top_offenders=[]))
+                else:
+                    if not read:  # once per tick, however many events
+                        peers, read = self._peers(), True
+                    event = self._with_offenders(d, event, peers)
             events.append(event)
         for event in events:
             for sink in self.sinks:

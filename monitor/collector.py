@@ -90,10 +90,11 @@ class TcpstateCollector(Collector):
         yield reuse
         early = CounterMetricFamily("tcpstate_resets_after_handshake",
                                     "Connections reset soon after ESTABLISHED (reset_after_handshake.within_seconds), "
-                                    "by who sent the reset; received ones are what an on-path device rejecting "
-                                    "requests looks like.", labels=["direction"])
+                                    "by the reset's direction and this host's end; received by a client is what an "
+                                    "on-path device rejecting requests looks like.", labels=["direction", "role"])
         for direction in DIRECTIONS:
-            early.add_metric([direction], counts.resets_after_handshake.get(direction, 0))
+            for role in ROLES:
+                early.add_metric([direction, role], counts.resets_after_handshake.get((direction, role), 0))
         yield early
 
         yield _hist_family("tcpstate_handshake_duration_seconds",

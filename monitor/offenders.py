@@ -13,7 +13,7 @@ class Peer:
     end's ephemeral port, not kept (one peer hammering one service stays one entry)."""
 
     kind: str  # events.OFFENDER_KINDS
-    remote: str
+    remote: str | None  # None: the socket had no peer address (a listener's reset)
     remote_port: int | None
     local_port: int | None
     count: int  # since first_seen
@@ -24,9 +24,10 @@ class Peer:
 
     def describe(self) -> str:
         """E.g. "198.18.0.1 to local port 9 (300 reset_sent)", "curl to 198.18.0.2:443 (12 ...)"."""
-        remote = self.remote if self.remote_port is None else f"{self.remote}:{self.remote_port}"
-        if ":" in self.remote and self.remote_port is not None:
-            remote = f"[{self.remote}]:{self.remote_port}"
+        address = self.remote or "an unknown peer"
+        remote = address if self.remote_port is None else f"{address}:{self.remote_port}"
+        if ":" in address and self.remote_port is not None:
+            remote = f"[{address}]:{self.remote_port}"
         who = f"{self.comm} (pid {self.pid}) to {remote}" if self.pid else remote
         if self.local_port is not None:
             who += f" {'from' if self.pid else 'to'} local port {self.local_port}"
@@ -48,7 +49,11 @@ def decode(items, wall_now: float, mono_now_ns: int) -> list[Peer]:
         if v.count == 0:  # inserted by another CPU a moment ago, not yet counted
             continue
         kind = OFFENDER_KINDS[k.kind] if k.kind < len(OFFENDER_KINDS) else f"kind_{k.kind}"
-        peers.append(Peer(kind=kind, remote=format_addr(k.family, bytes(k.raddr)),
+        raw = bytes(k.raddr)
+        # A listener's reset (an ACK to a listener, a failed SYN cookie) carries the listener's
+        # own, empty, peer address: the tracepoint knows no better.
+        remote = None if not any(raw) and k.rport == 0 else format_addr(k.family, raw)
+        peers.append(Peer(kind=kind, remote=remote,
                           remote_port=k.rport or None, local_port=k.lport or None, count=int(v.count),
                           first_seen=wall_now - (mono_now_ns - v.first_ns) / 1e9,
                           last_seen=wall_now - (mono_now_ns - v.last_ns) / 1e9,
@@ -59,5 +64,5 @@ def decode(items, wall_now: float, mono_now_ns: int) -> list[Peer]:
 def top(peers: list[Peer], kinds: tuple, since: float, n: int) -> list[Peer]:
     """The n peers of these kinds seen since `since`, most counted first (ties: latest first)."""
     live = [p for p in peers if p.kind in kinds and p.last_seen >= since]
-    live.sort(key=lambda p: (-p.count, -p.last_seen, p.remote, p.remote_port or 0, p.local_port or 0, p.kind))
+    live.sort(key=lambda p: (-p.count, -p.last_seen, p.remote or "", p.remote_port or 0, p.local_port or 0, p.kind))
     return live[:n]

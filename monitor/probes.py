@@ -25,6 +25,9 @@ class ProgramStats(NamedTuple):
     recursion_misses: int  # runs the kernel skipped: another BPF program was active on the CPU
 
 
+OFFENDER_IDLE_SECONDS = 60.0  # an offender silent this long starts a new count (README, "top_offenders")
+
+
 class ProbeError(RuntimeError):
     """The program could not be built or attached; the message names the cause and the fix."""
 
@@ -133,12 +136,18 @@ class Probes:
         self._ncpus = possible_cpus()
         log.debug("attached: %s", ", ".join(k for k, v in self.attached.items() if v))
 
-    def set_windows(self, reuse_window: float, early_reset_within: float) -> None:
+    def set_windows(self, reuse_window: float, early_reset_within: float,
+                    offender_idle: float = OFFENDER_IDLE_SECONDS) -> None:
         """Seconds within which a 4-tuple's new connection is a port reuse, and a reset after
-        ESTABLISHED counts as one after the handshake (0 turns either off). Takes effect at once."""
+        ESTABLISHED counts as one after the handshake (0 turns either off); after offender_idle
+        seconds of silence an offender's count starts again. Takes effect at once."""
+        def ns(seconds: float) -> int:
+            return max(1, round(seconds * 1e9)) if seconds > 0 else 0
+
         table = self.bpf[b"settings"]
-        table[table.Key(C["TCPSTATE_SET_REUSE_WINDOW_NS"])] = table.Leaf(round(reuse_window * 1e9))
-        table[table.Key(C["TCPSTATE_SET_EARLY_RESET_NS"])] = table.Leaf(round(early_reset_within * 1e9))
+        table[table.Key(C["TCPSTATE_SET_REUSE_WINDOW_NS"])] = table.Leaf(ns(reuse_window))
+        table[table.Key(C["TCPSTATE_SET_EARLY_RESET_NS"])] = table.Leaf(ns(early_reset_within))
+        table[table.Key(C["TCPSTATE_SET_OFFENDER_IDLE_NS"])] = table.Leaf(ns(offender_idle))
         self.reuse_window, self.early_reset_within = reuse_window, early_reset_within
 
     def _fill_filters(self) -> None:

@@ -80,7 +80,7 @@ def test_aborts_with_so_linger_zero(netns, meter, layout):
     assert d.failures == {}
     assert d.lifetimes == 2 * N
     # Each abort came right after its handshake: once per connection at each end.
-    assert d.resets_after_handshake == {"sent": N, "received": N}
+    assert d.resets_after_handshake == {("sent", "client"): N, ("received", "server"): N}
 
 
 def test_aborts_with_unread_data(netns, meter, layout):
@@ -92,7 +92,7 @@ def test_aborts_with_unread_data(netns, meter, layout):
     assert d.transitions == expected
     reason = "TCP_ABORT_ON_CLOSE" if layout.send_reset_has_reason else "UNKNOWN"
     assert d.resets == {("sent", "ESTABLISHED", reason): n, ("received", "ESTABLISHED", "UNKNOWN"): n}
-    assert d.resets_after_handshake == {"sent": n, "received": n}
+    assert d.resets_after_handshake == {("sent", "server"): n, ("received", "client"): n}
 
 
 def test_ipv6(netns, layout):
@@ -160,7 +160,7 @@ def test_abort_in_fin_wait2_is_not_time_wait(netns, meter, layout):
     reason = "TCP_STATE" if layout.send_reset_has_reason else "UNKNOWN"
     assert d.resets == {("sent", "FIN_WAIT2", reason): n, ("received", "CLOSE_WAIT", "UNKNOWN"): n}
     assert d.lifetimes == 2 * n
-    assert d.resets_after_handshake == {"sent": n, "received": n}
+    assert d.resets_after_handshake == {("sent", "client"): n, ("received", "server"): n}
 
 
 def test_connect_timeouts(netns, meter):

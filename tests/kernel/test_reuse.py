@@ -38,7 +38,7 @@ def test_fixed_source_port_reused_after_aborts(netns, probes, meter):
         # ends of it count, the client's connect and the server's accept.
         assert d.port_reuse == {"client": N - 1, "server": N - 1}
         # Each abort came well within a second of the handshake: sent by the client, received by the server.
-        assert d.resets_after_handshake == {"sent": N, "received": N}
+        assert d.resets_after_handshake == {("sent", "client"): N, ("received", "server"): N}
         found = peers(probes)
         server = one(found, kind="port_reuse", remote=netns.CLIENT_ADDR, remote_port=port, local_port=lst.port)
         client = one(found, kind="port_reuse", remote=netns.SERVER_ADDR, remote_port=lst.port, local_port=port)
@@ -127,7 +127,7 @@ def test_on_path_resets_after_the_handshake(netns, probes, meter, on_path_reject
             for s in accepted:
                 s.close()
     assert d.resets == {("received", "ESTABLISHED", "UNKNOWN"): N}  # nobody here sent them
-    assert d.resets_after_handshake == {"received": N}
+    assert d.resets_after_handshake == {("received", "client"): N}
     found = peers(probes)
     early = one(found, kind="reset_after_handshake", remote=netns.SERVER_ADDR, remote_port=lst.port)
     assert early.count == N and early.local_port is None and early.pid == os.getpid()
@@ -150,3 +150,20 @@ def test_offenders_of_refused_connects(netns, probes):
     assert failed.count == N and failed.comm == MY_COMM
     assert failed.first_seen <= failed.last_seen <= time.time()
     assert time.time() - failed.first_seen < 60
+
+
+def test_an_offender_silent_for_the_idle_time_counts_again(netns, probes):
+    closed = 11
+    probes.set_windows(60.0, 1.0, offender_idle=0.3)
+    try:
+        traffic.refused(netns.client, netns.SERVER_ADDR, closed, 3)
+        t_gap = time.time()
+        time.sleep(0.6)
+        traffic.refused(netns.client, netns.SERVER_ADDR, closed, 2)
+        time.sleep(0.2)
+        found = peers(probes)
+    finally:
+        probes.set_windows(60.0, 1.0)
+    # The first 3 are an old run: the entry shows the 2 since the gap, from after it.
+    sent = one(found, kind="reset_sent", remote=netns.CLIENT_ADDR, local_port=closed)
+    assert sent.count == 2 and sent.first_seen > t_gap

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # overhead.sh: loopback-churn throughput with and without `tcpstate run` attached, alternating, in one run.
 # Usage: sudo tests/load/overhead.sh [SECONDS_PER_RUN] [ROUNDS]   (needs `make setup` first)
+# TCPSTATE_ARGS adds flags to `tcpstate run` (e.g. "--recent-closes 0 --max-offenders 0").
+# kernel.bpf_stats_enabled is 1 during the monitored runs (restored after) for the ns per program run.
 # Traffic stays between two namespaces it creates on 198.19.0.0/24; every run is bounded in time.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -9,7 +11,9 @@ rounds=${2:-3}
 work=$(mktemp -d)
 a=ovh-a-$$ b=ovh-b-$$ port=19977
 gcc -O2 -pthread -o "$work/churn" tests/load/churn.c
+stats_was=$(sysctl -n kernel.bpf_stats_enabled)
 cleanup() {
+    sysctl -qw kernel.bpf_stats_enabled="$stats_was"
     [[ -n ${srv:-} ]] && kill "$srv" 2>/dev/null
     [[ -n ${daemon:-} ]] && kill "$daemon" 2>/dev/null
     ip netns del "$a" 2>/dev/null || true
@@ -32,7 +36,10 @@ base=() mon=()
 for ((i = 1; i <= rounds; i++)); do
     base+=("$(churn)")
     sleep 1
-    .venv/bin/tcpstate --log-level warning run --listen-address "127.0.0.1:$port" --include-cidr 198.19.0.0/24 &
+    sysctl -qw kernel.bpf_stats_enabled=1
+    # shellcheck disable=SC2086  # TCPSTATE_ARGS is a list of flags
+    .venv/bin/tcpstate --log-level warning run --listen-address "127.0.0.1:$port" --include-cidr 198.19.0.0/24 \
+        ${TCPSTATE_ARGS:-} > /dev/null &
     daemon=$!
     until curl -sf "127.0.0.1:$port/-/ready" >/dev/null; do sleep 0.2; done
     before=$(metric 'tcpstate_connections_opened_total{direction="active"}')
@@ -40,11 +47,15 @@ for ((i = 1; i <= rounds; i++)); do
     sleep 2
     after=$(metric 'tcpstate_connections_opened_total{direction="active"}')
     lost=$(metric tcpstate_events_lost_total)
+    run_s=$(metric 'tcpstate_probe_run_seconds_total{tracepoint="sock:inet_sock_set_state"}')
+    runs=$(metric 'tcpstate_probe_runs_total{tracepoint="sock:inet_sock_set_state"}')
+    sysctl -qw kernel.bpf_stats_enabled="$stats_was"
     kill "$daemon"; wait "$daemon" || true; daemon=
     made=${out#made=}; made=${made%% *}
     mon+=("${out##*rate=}")
-    printf 'round %d: no monitor %s/s, tcpstate %s/s; made %s, counted active opens %.0f, events lost %s\n' \
-        "$i" "${base[-1]}" "${mon[-1]}" "$made" "$(awk -v a="$after" -v b="$before" 'BEGIN {print a - b}')" "$lost"
+    printf 'round %d: no monitor %s/s, tcpstate %s/s; made %s, counted active opens %.0f, events lost %s, set_state %.0f ns/run\n' \
+        "$i" "${base[-1]}" "${mon[-1]}" "$made" "$(awk -v a="$after" -v b="$before" 'BEGIN {print a - b}')" "$lost" \
+        "$(awk -v s="$run_s" -v n="$runs" 'BEGIN {print (n > 0 ? s * 1e9 / n : 0)}')"
     sleep 1
 done
 python3 - "${base[*]}" "${mon[*]}" <<'PY'

@@ -330,17 +330,18 @@ def test_port_reuse_quiet_below_the_rate():
     assert not d.active
 
 
-def early_counts(received, opened, sent=0):
+def early_counts(received, opened, sent=0, received_by_server=0):
     c = Counts()
-    c.resets_after_handshake = {"sent": sent, "received": received}
-    c.opened = {"active": opened, "passive": 0}
+    c.resets_after_handshake = {("sent", "client"): sent, ("sent", "server"): 0,
+                                ("received", "client"): received, ("received", "server"): received_by_server}
+    c.opened = {"active": opened, "passive": 5 * opened}  # accepted connections are not the denominator
     return c
 
 
 def run_early(d, series):
     out = []
-    for i, (received, opened, sent) in enumerate(series):
-        e = d.step(Sample(T0 + i, early_counts(received, opened, sent)))
+    for i, (received, opened, sent, *by_server) in enumerate(series):
+        e = d.step(Sample(T0 + i, early_counts(received, opened, sent, *by_server)))
         if e:
             out.append((i, e))
     return out
@@ -368,8 +369,17 @@ def test_reset_after_handshake_fraction_needs_min_connections():
     out = run_early(d, [(int(1.2 * i), 2 * i, 0) for i in range(30)])
     (i, fire), = out
     assert i == 10 and fire.value == 0.6 and fire.threshold == 0.5
-    assert fire.summary.startswith("60% of 20 connections reset by the peer within 1 s of the handshake")
-    assert fire.details["connections_opened"] == 20 and fire.details["received"] == 12
+    assert fire.summary.startswith("60% of 20 connections made were reset by the peer within 1 s of the handshake")
+    assert fire.details["connections_made"] == 20
+    assert fire.details["by_direction_and_role"] == {"received:client": 12, "received:server": 0, "sent:client": 0,
+                                                     "sent:server": 0}
+
+
+def test_reset_after_handshake_ignores_clients_aborting_on_this_server():
+    # Health checks connecting and resetting at once: received early, but by the server end.
+    d = anomaly.ResetAfterHandshake(cfg("reset_after_handshake", window_seconds=5.0))
+    assert run_early(d, [(0, i, 0, 50 * i) for i in range(20)]) == []
+    assert not d.active
 
 
 def test_reset_after_handshake_sent_only_with_sent_rate():
@@ -436,6 +446,28 @@ def test_offenders_unreadable_still_sends_the_event():
     eng.tick()
     (fire,) = eng.tick()
     assert fire.details["top_offenders"] is None and "top peer" not in fire.summary
+
+
+def test_every_offender_kind_event_has_the_key():
+    det = ConnectFailures(cfg("connect_failures", window_seconds=2.0, rate=1.0))
+    series = iter([fail_counts(n, n) for n in (0, 50, 100)])
+    eng = Engine([det], lambda: next(series), lambda: {}, [], 1.0, clock=iter([T0, T0 + 1, T0 + 2]).__next__,
+                 read_offenders=lambda: PEERS, top_offenders=0)
+    eng.tick()
+    (fire,) = eng.tick()
+    assert fire.details["top_offenders"] == []  # turned off: empty, not missing
+
+
+def test_listener_resets_have_no_peer():
+    from monitor.events import Offender, OffenderKey
+    from monitor.offenders import decode
+
+    k, v = OffenderKey(family=2, lport=80, kind=0), Offender(count=7, first_ns=10**9, last_ns=2 * 10**9, pid=9,
+                                                             comm=b"nginx")
+    (p,) = decode([(k, v)], T0, 3 * 10**9)
+    assert p.remote is None and p.as_dict()["remote"] is None
+    assert p.last_seen == T0 - 1 and p.first_seen == T0 - 2
+    assert p.describe() == "nginx (pid 9) to an unknown peer from local port 80 (7 reset sent)"
 
 
 def test_offender_descriptions():

@@ -26,6 +26,7 @@ HARNESS = textwrap.dedent("""
     { return tcpstate_reused(closed, now, window); }
     int early_reset(unsigned long long est, unsigned long long now, unsigned long long within, int flags)
     { return tcpstate_early_reset(est, now, within, flags); }
+    int sock_role(int flags) { return tcpstate_sock_role(flags); }
     int offender_keep(int kind, int has_sk, int tracked, int flags, int state)
     { return tcpstate_offender_keep(kind, has_sk, tracked, flags, state); }
 
@@ -56,6 +57,7 @@ HARNESS = textwrap.dedent("""
         printf("const.TCPSTATE_STATE_UNKNOWN %d\\n", TCPSTATE_STATE_UNKNOWN);
         printf("const.TCPSTATE_NOFFKINDS %d\\n", TCPSTATE_NOFFKINDS);
         printf("const.TCPSTATE_NROLES %d\\n", TCPSTATE_NROLES);
+        printf("const.TCPSTATE_NRESETS_AFTER_HS %d\\n", TCPSTATE_NRESETS_AFTER_HS);
     }
 """)
 
@@ -240,3 +242,9 @@ def test_offenders_keep_the_service_port_not_the_ephemeral_one(logic):
     # An untracked socket cannot tell; a reuse is about the reused port: both.
     assert logic.offender_keep(K["RESET_RECEIVED"], 1, 0, 0, 0) == LOCAL | REMOTE
     assert logic.offender_keep(K["PORT_REUSE"], 1, 1, PASSIVE, SYN_RECV) == LOCAL | REMOTE
+
+
+def test_role_of_a_socket(logic):
+    assert ROLES[logic.sock_role(PASSIVE)] == "server"
+    assert ROLES[logic.sock_role(PASSIVE | RESET_SEEN)] == "server"
+    assert ROLES[logic.sock_role(0)] == ROLES[logic.sock_role(RESET_SEEN)] == "client"

@@ -47,7 +47,7 @@ def recorded():
     durations[lifetime + NB + 1] = 1_000_150_000
     stats = [0, 5, 0, 0]
     return RawCounters(tuple(tr), tuple(rs), tuple(fails), tuple(durations), tuple(stats), port_reuse=(1, 0),
-                       resets_after_hs=(1, 0))
+                       resets_after_hs=(1, 0, 0, 0))
 
 
 PROGRAMS = {"sock:inet_sock_set_state": (2_500_000_000, 100, 3), "tcp:tcp_send_reset": (0, 0, 0)}
@@ -77,7 +77,8 @@ def test_aggregate_names_and_derives():
     assert counts.lifetime.count == 3
     assert counts.untracked_transitions == 5
     assert counts.port_reuse == {"client": 1, "server": 0}
-    assert counts.resets_after_handshake == {"sent": 1, "received": 0}
+    assert counts.resets_after_handshake == {("sent", "client"): 1, ("sent", "server"): 0,
+                                             ("received", "client"): 0, ("received", "server"): 0}
     assert aggregate(recorded(), REASONS, PROGRAMS).events_lost == 3
 
 
@@ -146,10 +147,12 @@ tcpstate_connect_failures_total{reason="other"} 0.0
 # TYPE tcpstate_port_reuse_total counter
 tcpstate_port_reuse_total{role="client"} 1.0
 tcpstate_port_reuse_total{role="server"} 0.0
-# HELP tcpstate_resets_after_handshake_total Connections reset soon after ESTABLISHED (reset_after_handshake.within_seconds), by who sent the reset; received ones are what an on-path device rejecting requests looks like.
+# HELP tcpstate_resets_after_handshake_total Connections reset soon after ESTABLISHED (reset_after_handshake.within_seconds), by the reset's direction and this host's end; received by a client is what an on-path device rejecting requests looks like.
 # TYPE tcpstate_resets_after_handshake_total counter
-tcpstate_resets_after_handshake_total{direction="sent"} 1.0
-tcpstate_resets_after_handshake_total{direction="received"} 0.0
+tcpstate_resets_after_handshake_total{direction="sent",role="client"} 1.0
+tcpstate_resets_after_handshake_total{direction="sent",role="server"} 0.0
+tcpstate_resets_after_handshake_total{direction="received",role="client"} 0.0
+tcpstate_resets_after_handshake_total{direction="received",role="server"} 0.0
 # HELP tcpstate_handshake_duration_seconds Time from SYN_SENT to ESTABLISHED, one per active open.
 # TYPE tcpstate_handshake_duration_seconds histogram
 tcpstate_handshake_duration_seconds_bucket{le="5e-05"} 3.0
