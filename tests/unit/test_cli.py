@@ -23,6 +23,8 @@ def invoke(*args):
     (["run", "--listen-address", "127.0.0.1:99999"], "--listen-address"),
     (["watch", "--include-cidr", "1.2.3.4/33"], "--include-cidr"),
     (["run", "--max-sockets", "10"], "--max-sockets"),
+    (["run", "--recent-closes", "-1"], "--recent-closes"),
+    (["run", "--max-offenders", "many"], "--max-offenders"),
     (["run", "--no-such-flag"], "--no-such-flag"),
 ])
 def test_bad_flag_values_exit_2_with_one_line(args, needle):
