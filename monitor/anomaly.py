@@ -271,6 +271,7 @@ class TimeWaitBuildup(Detector):
         score, what, value, threshold, label, extra = max(findings, key=lambda f: f[0])
         details = {"netns": label, **extra, "namespaces": {
             lbl: {"time_wait": ns.sockets.get("TIME_WAIT", 0), "time_wait_limit": ns.limits.time_wait_max,
+                  "top_time_wait_ports": _top_ports(ns.time_wait_ports),
                   "top_remote_endpoints": [{"remote": e.remote, "time_wait": e.time_wait, "other": e.other,
                                             "utilization": _round(e.forecast.utilization) if e.forecast else None}
                                            for e in ns.endpoints[:5]]}
@@ -278,6 +279,16 @@ class TimeWaitBuildup(Detector):
         breach = score >= 1
         return Verdict(breach, float(value), float(threshold),
                        f"{what} ({'over' if breach else 'under'} the threshold {threshold:g})", details)
+
+
+def _top_ports(ports: tuple, n: int = 5) -> list:
+    """The poll's TIME_WAIT sockets by port, up to n per side, busiest first ("other" left out)."""
+    out = []
+    for side in ("local", "remote"):
+        named = [(port, count) for s, port, count in ports if s == side and port != "other" and count]
+        named.sort(key=lambda pc: (-pc[1], int(pc[0])))
+        out += [{"side": side, "port": int(port), "time_wait": count} for port, count in named[:n]]
+    return out
 
 
 class ConnectFailures(Detector):

@@ -127,6 +127,9 @@ def test_time_wait_over_a_fraction_of_the_limit_fires(pair, daemon):
     assert f"namespace '{pair.client}'" in e["summary"] and "of tcp_max_tw_buckets (40)" in e["summary"]
     ns = e["details"]["namespaces"][pair.client]
     assert ns["time_wait_limit"] == 40 and ns["time_wait"] >= 10
+    # The client closed first: its TIME_WAIT sockets all point at the listener's port.
+    (busiest,) = [p for p in ns["top_time_wait_ports"] if p["side"] == "remote"]
+    assert busiest["port"] == lst.port and busiest["time_wait"] == ns["time_wait"]
     s = samples(get(base + "/metrics")[1])
     assert s[("tcpstate_anomaly_active", (("kind", "time_wait_buildup"),))] == 1
 

@@ -187,9 +187,9 @@ def test_connect_failures_quiet_below():
 LIMITS = Limits(time_wait_max=1000, port_first=40000, port_last=40999)
 
 
-def ns_state(tw, finished, endpoints=()):
+def ns_state(tw, finished, endpoints=(), ports=()):
     sockets = {"TIME_WAIT": tw, "ESTABLISHED": 3}
-    return NamespaceState("", sockets, (), LIMITS, {}, tuple(endpoints), 0.01, 0.01, finished)
+    return NamespaceState("", sockets, tuple(ports), LIMITS, {}, tuple(endpoints), 0.01, 0.01, finished)
 
 
 def test_time_wait_fraction_of_the_limit():
@@ -206,6 +206,17 @@ def test_time_wait_fraction_of_the_limit():
     e = events[0][1]
     assert e.value == 0.5 and e.threshold == 0.5 and e.details["netns"] == ""
     assert "500 TIME_WAIT sockets in the host's namespace, 50% of tcp_max_tw_buckets (1000)" in e.summary
+
+
+def test_time_wait_event_names_the_busiest_ports():
+    d = TimeWaitBuildup(cfg("time_wait_buildup", fraction=0.5, utilization=0.0))
+    ports = [("local", "8080", 400), ("local", "443", 90), ("local", "other", 10),
+             ("remote", "5432", 250), ("remote", "80", 250), ("remote", "other", 0)]
+    e = d.step(Sample(T0, None, {"": ns_state(500, T0, ports=ports)}))
+    assert e.status == "firing"
+    assert e.details["namespaces"][""]["top_time_wait_ports"] == [
+        {"side": "local", "port": 8080, "time_wait": 400}, {"side": "local", "port": 443, "time_wait": 90},
+        {"side": "remote", "port": 80, "time_wait": 250}, {"side": "remote", "port": 5432, "time_wait": 250}]
 
 
 def test_time_wait_count_and_growth():
