@@ -160,7 +160,28 @@ def _top(counts: dict, n: int = 5) -> list:
     return sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))[:n]
 
 
-class RstStorm(Detector):
+class CounterDetector(Detector):
+    """A detector on the in-kernel counters: each tick adds values(counts) to a window of
+    window_seconds, and judge() decides once the window spans some time."""
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.window = Window(self.window_seconds)
+
+    def values(self, counts) -> dict:
+        raise NotImplementedError
+
+    def judge(self, sample: Sample) -> Verdict:
+        raise NotImplementedError
+
+    def evaluate(self, sample: Sample) -> Verdict | None:
+        if sample.counts is None:
+            return None
+        self.window.add(sample.time, self.values(sample.counts))
+        return self.judge(sample) if self.window.span() > 0 else None
+
+
+class RstStorm(CounterDetector):
     """Resets per second (sent + received, and per direction) over the window above an absolute
     rate, or above baseline_factor x the rate learned while quiet (after the warm-up)."""
 
@@ -169,22 +190,19 @@ class RstStorm(Detector):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        self.window = Window(self.window_seconds)
         self.baseline: float | None = None
         self._learned_for = 0.0
         self._last: float | None = None
 
-    def evaluate(self, sample: Sample) -> Verdict | None:
-        if sample.counts is None:
-            return None
-        resets = sample.counts.resets  # (direction, state, reason) -> n
+    def values(self, counts) -> dict:
+        resets = counts.resets  # (direction, state, reason) -> n
         values = dict(resets, total=sum(resets.values()))
         for direction in ("sent", "received"):
             values[direction] = sum(n for (d, _, _), n in resets.items() if d == direction)
-        self.window.add(sample.time, values)
+        return values
+
+    def judge(self, sample: Sample) -> Verdict:
         total = self.window.rate("total")
-        if total is None:
-            return None
         sent, received = self.window.rate("sent"), self.window.rate("received")
         c = self.cfg
         checks = [("resets", total, c["rate"]), ("sent resets", sent, c["sent_rate"]),
@@ -291,28 +309,21 @@ def _top_ports(ports: tuple, n: int = 5) -> list:
     return out
 
 
-class ConnectFailures(Detector):
+class ConnectFailures(CounterDetector):
     """Failed handshakes per second (by reason) over the window above a rate, or as a fraction
     of connect attempts once there are min_attempts of them."""
 
     kind = "connect_failures"
     offender_kinds = ("connect_failure",)
 
-    def __init__(self, cfg: dict):
-        super().__init__(cfg)
-        self.window = Window(self.window_seconds)
-
-    def evaluate(self, sample: Sample) -> Verdict | None:
-        if sample.counts is None:
-            return None
-        counts = sample.counts
+    def values(self, counts) -> dict:
         values = {f"fail:{r}": n for r, n in counts.failures.items()}
         values["failures"] = sum(counts.failures.values())
         values["attempts"] = counts.transitions.get(("CLOSE", "SYN_SENT"), 0)
-        self.window.add(sample.time, values)
+        return values
+
+    def judge(self, sample: Sample) -> Verdict:
         rate = self.window.rate("failures")
-        if rate is None:
-            return None
         c = self.cfg
         failures, attempts = self.window.delta("failures"), self.window.delta("attempts")
         fraction = failures / attempts if attempts else 0.0
@@ -330,27 +341,20 @@ class ConnectFailures(Detector):
         return Verdict(False, rate, c["rate"], f"Connect failures at {rate:.1f}/s (under {c['rate']:g}/s)", details)
 
 
-class PortReuse(Detector):
+class PortReuse(CounterDetector):
     """New connections on a 4-tuple that closed less than reuse_within_seconds before (counted in
     the kernel, by this host's role in them), per second over the window, above a rate."""
 
     kind = "port_reuse"
     offender_kinds = ("port_reuse",)
 
-    def __init__(self, cfg: dict):
-        super().__init__(cfg)
-        self.window = Window(self.window_seconds)
+    def values(self, counts) -> dict:
+        return dict(counts.port_reuse, total=sum(counts.port_reuse.values()))
 
-    def evaluate(self, sample: Sample) -> Verdict | None:
-        if sample.counts is None:
-            return None
-        reuse = sample.counts.port_reuse
-        self.window.add(sample.time, dict(reuse, total=sum(reuse.values())))
+    def judge(self, sample: Sample) -> Verdict:
         rate = self.window.rate("total")
-        if rate is None:
-            return None
         c = self.cfg
-        by_role = {role: int(self.window.delta(role)) for role in reuse}
+        by_role = {role: int(self.window.delta(role)) for role in sample.counts.port_reuse}
         details = {"rate_per_second": _round(rate), "by_role": by_role,
                    "reuse_within_seconds": c["reuse_within_seconds"]}
         breach = c["rate"] > 0 and rate >= c["rate"]
@@ -361,7 +365,7 @@ class PortReuse(Detector):
         return Verdict(breach, rate, c["rate"], summary, details)
 
 
-class ResetAfterHandshake(Detector):
+class ResetAfterHandshake(CounterDetector):
     """Connections reset within within_seconds of becoming ESTABLISHED (counted in the kernel, once
     per connection). The middlebox signature is a reset received on a connection this host made:
     those per second above rate, or as a fraction of the connections it made once there are
@@ -371,30 +375,23 @@ class ResetAfterHandshake(Detector):
     kind = "reset_after_handshake"
     offender_kinds = ("reset_after_handshake",)
 
-    def __init__(self, cfg: dict):
-        super().__init__(cfg)
-        self.window = Window(self.window_seconds)
-
-    def evaluate(self, sample: Sample) -> Verdict | None:
-        if sample.counts is None:
-            return None
-        counts = sample.counts
+    def values(self, counts) -> dict:
         early = counts.resets_after_handshake  # (direction, role) -> n
         values = {f"{d}:{r}": n for (d, r), n in early.items()}
         values["sent"] = sum(n for (d, _), n in early.items() if d == "sent")
         values["opened"] = counts.opened.get("active", 0)
-        self.window.add(sample.time, values)
+        return values
+
+    def judge(self, sample: Sample) -> Verdict:
         received, sent = self.window.rate("received:client"), self.window.rate("sent")
-        if received is None:
-            return None
         c = self.cfg
         n_received, opened = self.window.delta("received:client"), self.window.delta("opened")
         fraction = n_received / opened if opened else 0.0
         span = self.window.span()
         within = f"within {c['within_seconds']:g} s of the handshake"
         details = {"rate_per_second": {"received": _round(received), "sent": _round(sent)},
-                   "by_direction_and_role": {k: int(self.window.delta(k)) for k in sorted(values)
-                                             if ":" in k},
+                   "by_direction_and_role": {f"{d}:{r}": int(self.window.delta(f"{d}:{r}"))
+                                             for d, r in sorted(sample.counts.resets_after_handshake)},
                    "connections_made": int(opened), "within_seconds": c["within_seconds"]}
         if c["rate"] > 0 and received >= c["rate"]:
             return Verdict(True, received, c["rate"], f"Connections reset by the peer {within} at {received:.1f}/s "

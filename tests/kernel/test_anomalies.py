@@ -163,14 +163,8 @@ def test_on_path_resets_fire_reset_after_handshake(pair, daemon, on_path_rejecte
     n = 20
     with traffic.Listener(pair.server, pair.SERVER_ADDR) as lst:
         on_path_rejecter(pair.server, lst.port)
-        accepted = []
+        accepted = traffic.requests_reset_on_path(pair.client, lst, n)
         try:
-            for _ in range(n):
-                c, s = traffic._connect(pair.client, lst)
-                accepted.append(s)
-                c.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                traffic.expect_reset(c, "client")
-                c.close()
             _, e = next_event(events, "reset_after_handshake", "firing", WINDOW + TICK + 1.0)
             after = samples(get(base + "/metrics")[1])
         finally:

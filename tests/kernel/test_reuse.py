@@ -112,14 +112,8 @@ def test_on_path_resets_after_the_handshake(netns, probes, meter, on_path_reject
     either end sent it. Counted as received after the handshake, with the service as offender."""
     with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:
         on_path_rejecter(netns.server, lst.port)
-        accepted = []
+        accepted = traffic.requests_reset_on_path(netns.client, lst, N)
         try:
-            for _ in range(N):
-                c, s = traffic._connect(netns.client, lst)
-                accepted.append(s)
-                c.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                traffic.expect_reset(c, "client")
-                c.close()
             time.sleep(0.3)
             d = meter.delta()
         finally:

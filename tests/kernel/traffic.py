@@ -100,6 +100,20 @@ def _wait_closed(ns: str, addr: str, port: int) -> None:
     raise AssertionError(f"{addr}:{port} still in LAST_ACK after 5 s")
 
 
+def requests_reset_on_path(client_ns: str, listener: Listener, n: int) -> list:
+    """n connections whose first request a device on the path answers with a reset (arm one with
+    the on_path_rejecter fixture first). Returns the server's ends, still open: they never saw
+    the request, and closing them now would be a reset right after their handshake too."""
+    accepted = []
+    for _ in range(n):
+        c, s = _connect(client_ns, listener)
+        accepted.append(s)
+        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        expect_reset(c, "client")
+        c.close()
+    return accepted
+
+
 def refused(client_ns: str, addr: str, port: int, n: int, family: int = socket.AF_INET) -> None:
     for _ in range(n):
         c = socket_in(client_ns, family)
