@@ -300,11 +300,11 @@ class TimeWaitBuildup(Detector):
 
 
 def _top_ports(ports: tuple, n: int = 5) -> list:
-    """The poll's TIME_WAIT sockets by port, up to n per side, busiest first ("other" left out)."""
+    """The first n ports per side of the poll's TIME_WAIT ports (statepoll.top_ports: busiest
+    first, ties by lower port), "other" left out."""
     out = []
     for side in ("local", "remote"):
-        named = [(port, count) for s, port, count in ports if s == side and port != "other" and count]
-        named.sort(key=lambda pc: (-pc[1], int(pc[0])))
+        named = [(port, count) for s, port, count in ports if s == side and port != "other"]
         out += [{"side": side, "port": int(port), "time_wait": count} for port, count in named[:n]]
     return out
 

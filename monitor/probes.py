@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from .aggregator import RawCounters
 from .config import DEFAULT_MAX_OFFENDERS, DEFAULT_MAX_SOCKETS, DEFAULT_RECENT_CLOSES, Filters
-from .events import C, OFFENDER_KINDS, Offender, OffenderKey, bpf_dir
+from .events import C, Offender, OffenderKey, bpf_dir
 from .tracefs import TRACEPOINTS, Layout
 
 log = logging.getLogger(__name__)

@@ -210,8 +210,9 @@ def test_time_wait_fraction_of_the_limit():
 
 def test_time_wait_event_names_the_busiest_ports():
     d = TimeWaitBuildup(cfg("time_wait_buildup", fraction=0.5, utilization=0.0))
+    # As statepoll.top_ports lists them: busiest first, ties by lower port, then "other".
     ports = [("local", "8080", 400), ("local", "443", 90), ("local", "other", 10),
-             ("remote", "5432", 250), ("remote", "80", 250), ("remote", "other", 0)]
+             ("remote", "80", 250), ("remote", "5432", 250), ("remote", "other", 0)]
     e = d.step(Sample(T0, None, {"": ns_state(500, T0, ports=ports)}))
     assert e.status == "firing"
     assert e.details["namespaces"][""]["top_time_wait_ports"] == [
