@@ -17,9 +17,14 @@ AF_INET6 = 10
 
 
 def bpf_dir() -> Path:
-    """Where the C sources live: $TCPSTATE_BPF_DIR, else bpf/ beside the package."""
+    """Where the C sources live: $TCPSTATE_BPF_DIR, else monitor/bpf in an installed package
+    (pyproject maps bpf/ there), else bpf/ beside the package in a source tree."""
     env = os.environ.get("TCPSTATE_BPF_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "bpf"
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    installed = here / "bpf"
+    return installed if (installed / "tcpstate.c").is_file() else here.parent / "bpf"
 
 
 _DEFINE = re.compile(r"^#define\s+(TCPSTATE_\w+)\s+(.+?)\s*(?:/\*.*)?$")
