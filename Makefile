@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 NATIVE := monitor/_tally.so
 ARGS ?=
 
-.PHONY: setup host run test unit kernel check bench-state clean
+.PHONY: setup host run test unit kernel check bench-state clean install uninstall
 
 setup: host $(STAMP) $(NATIVE)
 
@@ -42,6 +42,57 @@ kernel: setup
 # CPU time of a socket-table poll at 1k, 10k and 130k TIME_WAIT sockets (root; namespaces).
 bench-state: setup
 	$(VENV)/bin/python tests/load/statepoll_bench.py
+
+# sudo make install: the daemon in its own virtualenv under PREFIX, the systemd unit, a defaults
+# file (kept when it exists), the tcpstate system user; enabled, and started when systemd runs.
+# The variables exist so that a test can install into a scratch tree; hosts keep the defaults.
+PREFIX := /opt/tcpstate
+BINDIR := /usr/local/bin
+UNITDIR := /etc/systemd/system
+SYSCONFDIR := /etc
+ACCOUNT := tcpstate
+SYSTEMCTL := systemctl
+SYSTEMD_RUNNING := $(shell test -d /run/systemd/system && echo yes)
+UNIT_SUBST := sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' -e 's|@ACCOUNT@|$(ACCOUNT)|g'
+
+install: host $(NATIVE)
+	@test "$$(id -u)" -eq 0 || { echo "install: must run as root (sudo make install)" >&2; exit 1; }
+	@test -x $(PREFIX)/bin/python || $(PYTHON) -m venv --system-site-packages $(PREFIX)
+	$(PREFIX)/bin/pip install -q --disable-pip-version-check --upgrade .
+	install -d $(PREFIX)/share/doc/tcpstate $(BINDIR) $(UNITDIR) $(SYSCONFDIR)/default
+	install -m 0644 README.md $(PREFIX)/share/doc/tcpstate/README.md
+	install -m 0644 deploy/README.md $(PREFIX)/share/doc/tcpstate/operators-guide.md
+	ln -sfn $(PREFIX)/bin/tcpstate $(BINDIR)/tcpstate
+	@id -u $(ACCOUNT) >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent \
+		--shell /usr/sbin/nologin --comment "tcpstate daemon" $(ACCOUNT)
+	$(UNIT_SUBST) deploy/systemd/tcpstate.service > $(UNITDIR)/tcpstate.service
+	@test -e $(SYSCONFDIR)/default/tcpstate || install -m 0644 deploy/systemd/tcpstate.default $(SYSCONFDIR)/default/tcpstate
+ifeq ($(SYSTEMD_RUNNING),yes)
+	$(SYSTEMCTL) daemon-reload
+	$(SYSTEMCTL) enable --now tcpstate.service
+	@echo "install: tcpstate.service enabled and started; journalctl -u tcpstate follows it"
+else
+	$(SYSTEMCTL) enable tcpstate.service
+	@echo "install: systemd is not running here: tcpstate.service is enabled for the next boot, not started"
+endif
+
+# sudo make uninstall: stops and removes what install added. The defaults file goes only when
+# it is unchanged; the tcpstate user stays, as packages leave system users.
+uninstall:
+	@test "$$(id -u)" -eq 0 || { echo "uninstall: must run as root (sudo make uninstall)" >&2; exit 1; }
+ifeq ($(SYSTEMD_RUNNING),yes)
+	-$(SYSTEMCTL) disable --now tcpstate.service
+else
+	-$(SYSTEMCTL) disable tcpstate.service
+endif
+	rm -f $(UNITDIR)/tcpstate.service
+	@if [ "$$(readlink $(BINDIR)/tcpstate)" = "$(PREFIX)/bin/tcpstate" ]; then rm -f $(BINDIR)/tcpstate; fi
+	rm -rf $(PREFIX)
+	@if cmp -s deploy/systemd/tcpstate.default $(SYSCONFDIR)/default/tcpstate; then rm -f $(SYSCONFDIR)/default/tcpstate; \
+	elif [ -e $(SYSCONFDIR)/default/tcpstate ]; then echo "uninstall: kept $(SYSCONFDIR)/default/tcpstate (changed)"; fi
+ifeq ($(SYSTEMD_RUNNING),yes)
+	$(SYSTEMCTL) daemon-reload
+endif
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache $(NATIVE)

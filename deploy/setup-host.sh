@@ -11,8 +11,9 @@ set -euo pipefail
 kver=$(uname -r)
 arch=$(dpkg --print-architecture)
 # gcc: the unit tests compile bpf/tcpstate_logic.h, the load tests tests/load/churn.c;
-# nftables: a kernel test plays an on-path device that rejects requests with resets
-packages=(python3-bpfcc python3-venv python3-pip iproute2 prometheus curl gcc nftables)
+# nftables: a kernel test plays an on-path device that rejects requests with resets;
+# python3-seccomp: the systemd test applies the unit's system-call filters as systemd would
+packages=(python3-bpfcc python3-venv python3-pip iproute2 prometheus curl gcc nftables python3-seccomp)
 [[ ${TCPSTATE_SETUP_MINIMAL:-} == 1 ]] && packages=(python3-bpfcc python3-venv)
 
 say() { echo "setup-host: $*" >&2; }

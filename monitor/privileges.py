@@ -1,0 +1,209 @@
+"""privileges.py: once the probes are attached, give up what the daemon no longer needs: every capability it can, and root when --user names an account."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import pwd
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 6, 7, 8
+CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 19, 21, 38, 39
+NAMES = {CAP_SYS_PTRACE: "CAP_SYS_PTRACE", CAP_SYS_ADMIN: "CAP_SYS_ADMIN", CAP_PERFMON: "CAP_PERFMON", CAP_BPF: "CAP_BPF"}
+
+PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 8, 24, 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_CAP_VERSION_3 = 0x20080522
+_SYS_SETRESUID = {"x86_64": 117, "aarch64": 147}
+_SYS_SETRESGID = {"x86_64": 119, "aarch64": 149}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class PrivilegeError(OSError):
+    """The kernel refused a step of the drop."""
+
+
+class _Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+@dataclass(frozen=True)
+class Account:
+    """Who the daemon becomes: --user NAME or a numeric uid (then the group is the same number)."""
+    name: str
+    uid: int
+    gid: int
+
+    @classmethod
+    def lookup(cls, spec: str) -> "Account":
+        try:
+            entry = pwd.getpwnam(spec)
+        except KeyError:
+            if not spec.isdigit():
+                raise ValueError(f"no user {spec!r} on this host (useradd --system {spec}, or give a uid)") from None
+            try:
+                entry = pwd.getpwuid(int(spec))
+            except KeyError:  # a bare uid is fine: containers often have no passwd entry for it
+                return cls(spec, int(spec), int(spec))
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise PrivilegeError(err, f"{what}: {os.strerror(err)}")
+
+
+def _last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        return 40
+
+
+def _mask(caps: Iterable[int]) -> tuple[int, int]:
+    bits = 0
+    for c in caps:
+        bits |= 1 << c
+    return bits & 0xFFFFFFFF, bits >> 32
+
+
+def _capset_thread(keep: frozenset[int]) -> None:
+    """Effective and permitted become keep, inheritable empty, for the calling thread only."""
+    low, high = _mask(keep)
+    header = _Header(_CAP_VERSION_3, 0)
+    data = (_Data * 2)(_Data(low, low, 0), _Data(high, high, 0))
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+def _raw_setres(ids: dict, value: int, what: str) -> None:
+    """The raw system call changes the calling thread only (glibc's wrapper changes them all)."""
+    nr = ids.get(os.uname().machine)
+    if nr is None:
+        raise PrivilegeError(errno.ENOSYS, f"{what}: unknown architecture {os.uname().machine}")
+    _check(_libc.syscall(nr, value, value, value), what)
+
+
+def status(path: str = "/proc/self/status") -> dict:
+    """Uid, Gid, CapEff, CapPrm, CapBnd, CapAmb, CapInh and NoNewPrivs of a process or thread."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("Uid", "Gid"):
+                out[key] = int(value.split()[0])
+            elif key.startswith("Cap"):
+                out[key] = int(value.strip(), 16)
+            elif key == "NoNewPrivs":
+                out[key] = int(value)
+    return out
+
+
+def describe(caps: Iterable[int]) -> str:
+    names = sorted(NAMES.get(c, f"cap {c}") for c in caps)
+    return ", ".join(names) or "none"
+
+
+def try_reads(keep: frozenset[int], account: Account | None, reads: Callable[[], None]) -> OSError | None:
+    """Run reads in a throwaway thread that has given up what the drop would give up (threads
+    hold their own credentials), so the real, irreversible drop happens only if they work.
+    Returns the error the reads met, or None."""
+    result: list = []
+
+    def probe():
+        try:
+            if account is not None:
+                _raw_setres(_SYS_SETRESGID, account.gid, "setresgid")
+                if keep:
+                    _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
+                _raw_setres(_SYS_SETRESUID, account.uid, "setresuid")
+            _capset_thread(keep)
+            reads()
+        except OSError as exc:
+            result.append(exc)
+        except Exception as exc:  # bcc raises plain Exceptions for failed map reads
+            result.append(OSError(errno.EPERM, str(exc)))
+        else:
+            result.append(None)
+
+    t = threading.Thread(target=probe, name="privilege-probe")
+    t.start()
+    t.join()
+    return result[0] if result else OSError(errno.EIO, "the probe thread died")
+
+
+def drop(keep: frozenset[int], account: Account | None) -> None:
+    """Give up every capability but keep, for good: the bounding and ambient sets too, with
+    no_new_privs, then switch to account if given. Credentials are per thread, so this must
+    run while the process has one thread; the caller makes sure."""
+    # A joined Python thread may not have left the kernel yet: wait for it, briefly.
+    deadline = time.monotonic() + 5
+    while len(tasks := os.listdir("/proc/self/task")) != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if len(tasks) != 1:
+        raise PrivilegeError(errno.EBUSY, f"{len(tasks)} threads running; the drop needs exactly one")
+    _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    # The bounding set limits what an exec could regain; dropping from it leaves the effective
+    # set alone, so CAP_SETUID and CAP_SETPCAP still work for the steps below.
+    for cap in range(_last_cap() + 1):
+        if cap not in keep:
+            rc = _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+            if rc != 0 and ctypes.get_errno() != errno.EINVAL:  # EINVAL: a cap this kernel lacks
+                _check(rc, f"prctl(PR_CAPBSET_DROP, {cap})")
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    if account is not None:
+        if keep:  # else the uid change empties the permitted set we still want to keep from
+            _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
+        os.setgroups([])
+        os.setresgid(account.gid, account.gid, account.gid)
+        os.setresuid(account.uid, account.uid, account.uid)
+    _capset_thread(keep)
+    if account is not None and keep:
+        _check(_libc.prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
+
+
+def netns_needs(paths: Iterable[str]) -> dict[int, str]:
+    """Capabilities the socket-table poll keeps for --netns, with why: entering a namespace takes
+    CAP_SYS_ADMIN; opening another process's /proc/PID/ns/net takes CAP_SYS_PTRACE once the
+    daemon has fewer capabilities than that process (`ip netns` names need no more)."""
+    paths = list(paths)
+    need = {}
+    if paths:
+        need[CAP_SYS_ADMIN] = "enters the --netns namespaces"
+    if any(os.path.abspath(p).startswith("/proc/") for p in paths):
+        need[CAP_SYS_PTRACE] = "opens /proc/PID/ns/net of --netns"
+    return need
+
+
+def drop_after_attach(reads: Callable[[], None], account: Account | None, needs: dict[int, str]) -> str:
+    """The smallest capability set with which reads still work, then the drop. Kernels from 6.5
+    read maps through a held descriptor with no capability; older ones want CAP_BPF (or
+    CAP_SYS_ADMIN before 5.8). needs: what the rest of the daemon keeps, and why.
+    Returns a line for the log; raises PrivilegeError when nothing could be dropped."""
+    base = frozenset(needs)
+    last = None
+    for extra in (frozenset(), frozenset({CAP_BPF}), frozenset({CAP_SYS_ADMIN})):
+        keep = base | extra
+        last = try_reads(keep, account, reads)
+        if last is None:
+            drop(keep, account)
+            who = f"user {account.name} (uid {account.uid}, gid {account.gid})" if account else "uid 0"
+            why = [f"{NAMES[c]} {reason}" for c, reason in sorted(needs.items())]
+            if extra - base:
+                why.append(f"{describe(extra)}: this kernel reads BPF maps only with it")
+            return f"privileges dropped: running as {who} with capabilities: {describe(keep)}" + (
+                f" ({'; '.join(why)})" if why else "")
+    raise PrivilegeError(last.errno or errno.EPERM, f"the maps cannot be read with fewer privileges ({last})")
