@@ -45,12 +45,19 @@ def import_bcc():
 
 
 def headers_dir() -> Path:
-    return Path("/lib/modules", platform.release(), "build")
+    """Where bcc takes the kernel headers from: $BCC_KERNEL_SOURCE when set (bcc then compiles in
+    that one tree; the container image points it at its generic headers because it cannot link
+    them under the host's read-only /lib/modules), else /lib/modules/$(uname -r)/build."""
+    source = os.environ.get("BCC_KERNEL_SOURCE")
+    return Path(source) if source else Path("/lib/modules", platform.release(), "build")
 
 
 def check_headers() -> str:
     """Path of the kernel headers bcc will use, or a ProbeError naming the fix."""
     build = headers_dir()
+    if os.environ.get("BCC_KERNEL_SOURCE") and not (build / "include" / "linux" / "kconfig.h").is_file():
+        raise ProbeError(f"kernel headers missing: BCC_KERNEL_SOURCE={build} has no include/linux/kconfig.h; "
+                         "point it at a kernel header tree (one directory) or unset it")
     if not (build / "include").is_dir():
         raise ProbeError(
             f"kernel headers missing: {build} does not exist; run 'make setup' (installs "
