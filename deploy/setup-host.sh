@@ -14,6 +14,8 @@ arch=$(dpkg --print-architecture)
 # nftables: a kernel test plays an on-path device that rejects requests with resets;
 # python3-seccomp: the systemd test applies the unit's system-call filters as systemd would
 packages=(python3-bpfcc python3-venv python3-pip iproute2 prometheus curl gcc nftables python3-seccomp)
+# kubectl: a unit test builds deploy/kubernetes with `kubectl kustomize` (Debian: kubernetes-client)
+command -v kubectl >/dev/null || packages+=(kubernetes-client)
 [[ ${TCPSTATE_SETUP_MINIMAL:-} == 1 ]] && packages=(python3-bpfcc python3-venv)
 
 say() { echo "setup-host: $*" >&2; }
