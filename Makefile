@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 NATIVE := monitor/_tally.so
 ARGS ?=
 
-.PHONY: setup host run test unit kernel check bench-state clean install uninstall
+.PHONY: setup host run test unit kernel check bench-state clean install uninstall image
 
 setup: host $(STAMP) $(NATIVE)
 
@@ -42,6 +42,14 @@ kernel: setup
 # CPU time of a socket-table poll at 1k, 10k and 130k TIME_WAIT sockets (root; namespaces).
 bench-state: setup
 	$(VENV)/bin/python tests/load/statepoll_bench.py
+
+# The PrometheusRule carries deploy/prometheus/alerts.yml; tests/unit/test_kubernetes.py fails when they differ.
+deploy/kubernetes/prometheusrule.yaml: deploy/prometheus/alerts.yml deploy/kubernetes/gen-prometheusrule.py
+	$(VENV)/bin/python deploy/kubernetes/gen-prometheusrule.py
+
+# The container image (needs a Docker engine; deploy/README.md, "Container").
+image:
+	docker build -f deploy/container/Dockerfile -t tcpstate:$$($(PYTHON) -c 'import re; print(re.search(r"^version = \"(.+)\"", open("pyproject.toml").read(), re.M).group(1))') .
 
 # sudo make install: the daemon in its own virtualenv under PREFIX, the systemd unit, a defaults
 # file (kept when it exists), the tcpstate system user; enabled, and started when systemd runs.
