@@ -1,4 +1,4 @@
-"""server.py: the HTTP endpoints: / (landing page), /metrics, /-/healthy and /-/ready."""
+"""server.py: the HTTP endpoints: / (landing page), /metrics, /-/healthy and /-/ready; TLS and basic auth from a web config."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import html
 import logging
 import os
 import socket
+import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry
@@ -14,6 +16,7 @@ from prometheus_client.exposition import choose_encoder
 
 from . import __version__
 from .config import ListenAddress
+from .webconfig import WebConfig, WebConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +35,33 @@ LANDING = """<!doctype html>
 """
 
 
+HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to start and finish the TLS handshake
+REQUEST_TIMEOUT = 30.0  # seconds any one read or write of a request may stall
+# What Go's net/http answers on a TLS port to a plain-HTTP request (the toolkit's servers).
+PLAIN_HTTP_REFUSAL = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+
+
 class ServerError(RuntimeError):
     """The listen address could not be bound."""
 
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = f"tcpstate/{__version__}"
+    timeout = REQUEST_TIMEOUT  # a stalled client must not hold its thread for ever
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         path = self.path.split("?", 1)[0]
         app: Exporter = self.server.app
+        web = app.web_config
+        if web is not None:
+            try:
+                web.refresh()
+            except WebConfigError:  # logged once by refresh; fail closed, as the toolkit does
+                self._send(500, b"Internal Server Error\n", "text/plain; charset=utf-8")
+                return
+            if not web.check_auth(self.headers.get("Authorization")):
+                self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8", {"WWW-Authenticate": "Basic"})
+                return
         if path == "/metrics":
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             try:
@@ -65,12 +85,22 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"not found\n", "text/plain")
 
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
+    def _send(self, code: int, body: bytes, content_type: str, extra: dict | None = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+
+    def end_headers(self):
+        # Here rather than in _send, so error pages of http.server (400, 501) carry them too.
+        web = self.server.app.web_config
+        if web is not None:
+            for name, value in web.headers:
+                self.send_header(name, value)
+        super().end_headers()
 
     def log_message(self, fmt, *args):  # scrapes would flood stderr
         log.debug("%s %s", self.address_string(), fmt % args)
@@ -86,14 +116,81 @@ class _Server(ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
 
+    def finish_request(self, request, client_address):
+        # Runs in the connection's own thread, so a slow handshake never holds up accept().
+        web = self.app.web_config
+        if web is None or not web.tls:
+            return super().finish_request(request, client_address)
+        conn = _tls_accept(request, client_address, web)
+        if conn is None:
+            return None
+        try:
+            return super().finish_request(conn, client_address)
+        finally:
+            self.shutdown_request(conn)  # the plain socket was handed over to conn
+
+
+def _tls_accept(sock: socket.socket, client_address, web: WebConfig) -> ssl.SSLSocket | None:
+    """The handshake on an accepted socket, or None after refusing or failing it."""
+    sock.settimeout(HANDSHAKE_TIMEOUT)
+    try:
+        first = sock.recv(1, socket.MSG_PEEK)
+        if first and first != b"\x16" and first.isalpha():  # a request line, not a TLS record
+            _refuse_plain_http(sock)
+            log.debug("%s: plain HTTP on the TLS port refused", client_address[0])
+            return None
+        if not first:
+            return None
+        try:
+            context = web.ssl_context()
+        except WebConfigError:  # logged once by refresh
+            return None
+        conn = context.wrap_socket(sock, server_side=True)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; timeouts too
+        log.debug("%s: TLS handshake failed: %s", client_address[0], exc)
+        return None
+    finally:
+        if sock.fileno() != -1:  # still ours: not handed to an SSLSocket
+            sock.close()
+    if not web.peer_allowed(conn.getpeercert()):
+        log.info("%s: client certificate names none of client_allowed_sans; connection closed", client_address[0])
+        conn.close()
+        return None
+    conn.settimeout(REQUEST_TIMEOUT)
+    return conn
+
+
+def _refuse_plain_http(sock: socket.socket) -> None:
+    # Read the request head first: closing with unread data would send a reset, and the
+    # client would see that instead of the answer.
+    deadline = time.monotonic() + 1.0
+    seen = b""
+    while b"\r\n\r\n" not in seen and len(seen) < 16384 and time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(PLAIN_HTTP_REFUSAL)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
 
 class Exporter:
     """Owns the registry and the HTTP server thread."""
 
-    def __init__(self, listen: ListenAddress, registry: CollectorRegistry, filters_text: str = "none"):
+    def __init__(self, listen: ListenAddress, registry: CollectorRegistry, filters_text: str = "none",
+                 web_config: WebConfig | None = None):
         self.listen = listen
         self.registry = registry
         self.filters_text = filters_text
+        self.web_config = web_config
         self.ready = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -115,6 +212,19 @@ class Exporter:
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="http", daemon=True)
         self._thread.start()
+
+    def pause(self) -> None:
+        """Stop serving (the socket stays bound; connections wait in its backlog) and wait until
+        no request is in flight, so the process has one thread, e.g. to drop privileges."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._thread.join()
+
+    def resume(self) -> None:
+        if self._server is not None and not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+                                            name="http", daemon=True)
+            self._thread.start()
 
     @property
     def port(self) -> int:
