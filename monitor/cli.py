@@ -167,12 +167,21 @@ def cli(log_level):
               help="Where anomaly events go, one JSON object per line; - is stdout.")
 @click.option("--events-webhook", metavar="URL", envvar="TCPSTATE_EVENTS_WEBHOOK",
               help="Also POST each event's JSON to this http(s) URL (bounded queue, retried, never blocks).")
+@click.option("--web-config-file", "web_config_path", type=click.Path(dir_okay=False), metavar="FILE",
+              envvar="TCPSTATE_WEB_CONFIG_FILE", help="TLS and basic auth for every endpoint, in the format of "
+              "Prometheus' exporters (deploy/web-config.yml); re-read when it or its certificates change.")
+@click.option("--user", "user", metavar="USER", envvar="TCPSTATE_USER",
+              help="Once the probes are attached, become this user (name or uid). Capabilities are dropped "
+              "either way, to none unless --netns needs some.")
 def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, recent_closes, max_offenders,
-        state_interval, top_n, netns_paths, forecast_window, config_path, settings, events_path, events_webhook):
+        state_interval, top_n, netns_paths, forecast_window, config_path, settings, events_path, events_webhook,
+        web_config_path, user):
     """Run the daemon: attach the tracepoints and serve /metrics.
 
     Serves / (a landing page), /metrics, /-/healthy, and /-/ready (200 once every
     available probe is attached). SIGTERM or SIGINT detaches everything and exits 0.
+    Once attached, the daemon drops every capability it no longer needs (and becomes
+    --user if given) and, under systemd (Type=notify), reports ready.
     Socket counts by state, TIME_WAIT by port and the port-exhaustion forecast come
     from a background poll of the kernel's socket tables every --state-interval; the
     filters do not apply to them.
@@ -190,8 +199,9 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
       sudo TCPSTATE_INCLUDE_PORT="80 443" tcpstate run --state-interval 2
       sudo tcpstate run --config /etc/tcpstate/tcpstate.toml --events /var/log/tcpstate/events.jsonl
       sudo tcpstate run --set rst_storm.rate=50 --events-webhook http://127.0.0.1:9000/hook
+      sudo tcpstate run --user nobody --web-config-file /etc/tcpstate/web-config.yml
     """
-    from . import anomaly, notify, offenders
+    from . import anomaly, notify, offenders, privileges, sdnotify, webconfig
     from .aggregator import aggregate
     from .collector import TcpstateCollector
     from .probes import bcc_version
@@ -201,6 +211,18 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
     from .statepoll import StatePoller, Target
 
     detector_cfg = _detector_config(config_path, settings)
+    web = None
+    if web_config_path:
+        try:
+            web = webconfig.load(web_config_path)
+        except webconfig.WebConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--web-config-file'") from None
+    account = None
+    if user:
+        try:
+            account = privileges.Account.lookup(user)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--user'") from None
     if events_webhook and not events_webhook.startswith(("http://", "https://")):
         raise click.BadParameter(f"{events_webhook!r} is not an http:// or https:// URL", param_hint="'--events-webhook'")
     try:
@@ -216,8 +238,9 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
             raise click.BadParameter(f"{t.path or 'the own namespace'} gives the label {t.label!r} twice",
                                      param_hint="'--netns'")
     _require_privileges()
+    systemd = sdnotify.Notifier()
     registry = CollectorRegistry(auto_describe=False)
-    exporter = Exporter(listen_address, registry, filters.describe())
+    exporter = Exporter(listen_address, registry, filters.describe(), web_config=web)
     try:
         exporter.start()
     except ServerError as exc:
@@ -237,6 +260,7 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
                  "send_reset_layout": layout.send_reset_variant or "none"}
         registry.register(TcpstateCollector(lambda: aggregate(probes.read(), layout.reason_names, probes.program_stats()),
                                             lambda: probes.attached, build))
+        _drop_privileges(exporter, probes, account, netns_paths)
         if native.LIB is not None:
             log.info("socket tables: counted in C (%s)", native.LIBRARY)
         else:
@@ -256,9 +280,13 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
         engine.start()
         log.info("anomaly detectors: %s", ", ".join(d.kind for d in detectors) or "none")
         exporter.ready.set()
-        log.info("ready: serving http://%s/metrics", listen_address)
+        scheme = web.scheme if web else "http"
+        log.info("ready: serving %s://%s/metrics%s", scheme, listen_address, f" ({web.describe()})" if web else "")
+        systemd.ready(f"serving {scheme}://{listen_address}/metrics; "
+                      f"{sum(probes.attached.values())} of {len(probes.attached)} tracepoints attached")
         stop.wait()
     finally:
+        systemd.stopping()
         exporter.stop()
         if engine is not None:
             engine.stop()
@@ -269,8 +297,30 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
             poller.stop()
         if probes is not None:
             probes.close()
+        systemd.close()
         log.info("stopped")
     return 0
+
+
+def _drop_privileges(exporter, probes, account, netns_paths) -> None:
+    """Credentials are per thread: the HTTP thread pauses so that the process has one thread
+    while they change, and every thread started later inherits the dropped set."""
+    from .privileges import PrivilegeError, drop_after_attach, netns_needs
+
+    def reads():
+        probes.read()
+        probes.read_offenders()
+        probes.program_stats()
+
+    exporter.pause()
+    try:
+        log.info(drop_after_attach(reads, account, netns_needs(netns_paths)))
+    except PrivilegeError as exc:
+        if account is not None:
+            raise Fatal(f"cannot become user {account.name}: {exc.strerror}; run without --user") from None
+        log.warning("privileges kept: %s", exc.strerror)
+    finally:
+        exporter.resume()
 
 
 def _detector_config(path, settings) -> dict:

@@ -149,8 +149,9 @@ def drop(keep: frozenset[int], account: Account | None) -> None:
     """Give up every capability but keep, for good: the bounding and ambient sets too, with
     no_new_privs, then switch to account if given. Credentials are per thread, so this must
     run while the process has one thread; the caller makes sure."""
-    # A joined Python thread may not have left the kernel yet: wait for it, briefly.
-    deadline = time.monotonic() + 5
+    # A joined Python thread may not have left the kernel yet, and a request that came during
+    # the compile may still be answering (the server times reads out after 30 s): wait for them.
+    deadline = time.monotonic() + 45
     while len(tasks := os.listdir("/proc/self/task")) != 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     if len(tasks) != 1:

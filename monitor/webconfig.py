@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import hmac
 import ipaddress
@@ -396,6 +397,7 @@ class WebConfig:
         self._config_sig, self._files_sig = signatures  # taken before the files were read
         self._error: WebConfigError | None = None
         self._failed_sig = None
+        self._warned_unreadable = False
         self._lock = threading.Lock()
         self._cache_lock = threading.Lock()
         self._bcrypt_lock = threading.Lock()  # one bcrypt at a time: it is CPU-bound by design
@@ -423,6 +425,8 @@ class WebConfig:
         while they do not load."""
         with self._lock:
             config_sig = _signature([self.path])
+            if self._unreadable(config_sig):
+                return
             settings = self._settings
             if config_sig != self._config_sig:
                 try:
@@ -433,6 +437,8 @@ class WebConfig:
                 except WebConfigError as exc:
                     self._fail((config_sig, None), exc)
             files_sig = _signature(settings.tls.files()) if settings.tls else ()
+            if self._unreadable(files_sig):
+                return
             if config_sig == self._config_sig and files_sig == self._files_sig:
                 self._error = self._failed_sig = None  # unchanged, or back to what last loaded
                 return
@@ -448,6 +454,16 @@ class WebConfig:
             self._error = self._failed_sig = None
             with self._cache_lock:
                 self._cache.clear()
+
+    def _unreadable(self, sig: tuple) -> bool:
+        """After --user, the files may be out of the daemon's reach. What was loaded as root
+        keeps serving; only rotation needs them readable, and the log says so once."""
+        denied = [entry[0] for entry in sig if len(entry) == 2 and entry[1] in (errno.EACCES, errno.EPERM)]
+        if denied and not self._warned_unreadable:
+            log.warning("web config: cannot check %s for changes as this user (permission denied); serving what "
+                        "was loaded at start: make them readable to rotate certificates", ", ".join(denied))
+            self._warned_unreadable = True
+        return bool(denied)
 
     def _fail(self, sig, exc: WebConfigError):
         if sig != self._failed_sig:  # once per broken state, not per request

@@ -1,0 +1,220 @@
+"""The drop of privileges after attach, on the real kernel: every thread of the daemon ends with no
+capability (or only what --netns needs) and, with --user, another uid; the maps, the socket
+tables and the --netns polls still read; counting stays exact."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+from monitor import privileges
+
+from . import traffic
+from .netns import NetnsPair, netns_path
+from .test_daemon import TCPSTATE, free_port, get, samples, wait_ready
+
+N = 10
+
+
+def thread_states(pid: int) -> list[dict]:
+    return [privileges.status(f"/proc/{pid}/task/{tid}/status") for tid in os.listdir(f"/proc/{pid}/task")]
+
+
+def test_the_probe_thread_holds_the_reduced_set_and_the_rest_of_the_process_keeps_its_own():
+    seen = {}
+
+    def reads():
+        seen.update(privileges.status("/proc/thread-self/status"))
+
+    before = privileges.status()
+    assert privileges.try_reads(frozenset({privileges.CAP_BPF}), privileges.Account.lookup("nobody"), reads) is None
+    assert seen["Uid"] == 65534 and seen["Gid"] == 65534 and seen["CapEff"] == seen["CapPrm"] == 1 << privileges.CAP_BPF
+    assert privileges.status() == before  # the test process is unchanged
+
+    def refused():
+        raise PermissionError(1, "Operation not permitted")
+
+    err = privileges.try_reads(frozenset(), None, refused)
+    assert isinstance(err, PermissionError)
+
+
+def test_a_kernel_that_wants_cap_bpf_for_map_reads_keeps_only_that():
+    """Kernels before 6.5 check CAP_BPF on every bpf() call; the reads here act as such a
+    kernel would, and the drop must settle on CAP_BPF alone (in a child: drops are final)."""
+    code = textwrap.dedent("""
+        from monitor import privileges
+        def reads():
+            eff = privileges.status("/proc/thread-self/status")["CapEff"]
+            if not eff & (1 << privileges.CAP_BPF):
+                raise PermissionError(1, "Operation not permitted")
+        print(privileges.drop_after_attach(reads, None, {}))
+        st = privileges.status()
+        print(st["CapEff"], st["CapPrm"], st["CapBnd"], st["NoNewPrivs"])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == ("privileges dropped: running as uid 0 with capabilities: CAP_BPF "
+                      "(CAP_BPF: this kernel reads BPF maps only with it)")
+    assert out[1].split() == [str(1 << privileges.CAP_BPF)] * 3 + ["1"]
+
+
+def test_nothing_is_dropped_when_even_root_cannot_read():
+    code = textwrap.dedent("""
+        from monitor import privileges
+        def reads():
+            raise PermissionError(1, "Operation not permitted")
+        try:
+            privileges.drop_after_attach(reads, None, {})
+        except privileges.PrivilegeError as exc:
+            print("refused:", exc.strerror)
+        print(privileges.status()["CapEff"] != 0)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["refused: the maps cannot be read with fewer privileges ([Errno 1] Operation not permitted)", "True"]
+
+
+def run_daemon(*extra):
+    port = free_port()
+    proc = subprocess.Popen([TCPSTATE, "run", "--listen-address", f"127.0.0.1:{port}", "--include-cidr",
+                             "198.18.0.0/15", "--state-interval", "0.5", "--events", "/dev/null", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(base, proc)
+    return proc, base
+
+
+def stop(proc) -> str:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    return proc.stderr.read()
+
+
+def test_user_nobody_every_thread_and_exact_counts():
+    pair = NetnsPair("pv")
+    pair.down()
+    pair.up()
+    proc, base = run_daemon("--user", "nobody", "--netns", netns_path(pair.client))
+    try:
+        before = samples(get(base + "/metrics")[1])
+        with traffic.Listener(pair.server, pair.SERVER_ADDR) as listener:
+            traffic.client_closes_first(pair.client, listener, N)
+        time.sleep(1.5)  # the last ACKs, and three polls of the client's namespace
+        after = samples(get(base + "/metrics")[1])
+        threads = thread_states(proc.pid)
+        # --netns keeps CAP_SYS_ADMIN (setns); nothing else, in any thread, HTTP and poller included.
+        assert len(threads) >= 3
+        for st in threads:
+            assert (st["Uid"], st["Gid"]) == (65534, 65534), st
+            assert st["CapEff"] == st["CapPrm"] == st["CapBnd"] == 1 << privileges.CAP_SYS_ADMIN, st
+            assert st["CapAmb"] == st["CapInh"] == 0 and st["NoNewPrivs"] == 1, st
+        opened = lambda s, d: s[("tcpstate_connections_opened_total", (("direction", d),))]  # noqa: E731
+        assert (opened(after, "active") - opened(before, "active"), opened(after, "passive") - opened(before, "passive")) == (N, N)
+        ns = pair.client
+        assert after[("tcpstate_state_poll_errors_total", (("netns", ns),))] == 0
+        assert after[("tcpstate_state_poll_age_seconds", (("netns", ns),))] < 2
+        assert after[("tcpstate_sockets", (("netns", ns), ("state", "TIME_WAIT")))] == N  # the client closed first
+        assert after[("tcpstate_map_read_errors_total", ())] == 0
+    finally:
+        log = stop(proc)
+        pair.down()
+    assert ("privileges dropped: running as user nobody (uid 65534, gid 65534) with capabilities: CAP_SYS_ADMIN "
+            "(CAP_SYS_ADMIN enters the --netns namespaces)") in log
+
+
+def test_without_user_the_daemon_stays_uid_0_with_no_capability_and_scrapes_under_load():
+    proc, base = run_daemon()
+    try:
+        errors = []
+
+        def scrape():
+            for _ in range(20):
+                status, body = get(base + "/metrics")
+                if status != 200 or "tcpstate_build_info" not in body:
+                    errors.append(status)
+
+        scrapers = [threading.Thread(target=scrape) for _ in range(4)]
+        for t in scrapers:
+            t.start()
+        for t in scrapers:
+            t.join(timeout=60)
+        assert errors == []
+        for st in thread_states(proc.pid):
+            assert st["Uid"] == 0 and st["CapEff"] == st["CapPrm"] == st["CapBnd"] == 0 and st["NoNewPrivs"] == 1, st
+    finally:
+        log = stop(proc)
+    assert "privileges dropped: running as uid 0 with capabilities: none" in log
+
+
+def test_an_unknown_user_is_a_usage_error_before_anything_is_attached():
+    done = subprocess.run([TCPSTATE, "run", "--user", "no-such-user-here"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr == ("tcpstate run: error: Invalid value for '--user': no user 'no-such-user-here' on this "
+                           "host (useradd --system no-such-user-here, or give a uid) (see 'tcpstate run --help')\n")
+
+
+def test_tls_and_basic_auth_keep_serving_after_the_drop_to_a_user(tmp_path):
+    """--web-config-file with --user nobody and the files in a root-only directory, as a key file
+    usually is: what was loaded as root keeps serving, and the log says rotation needs access."""
+    import base64
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    import bcrypt
+
+    from tests.unit.test_webconfig import make_cert, openssl
+
+    pki = tmp_path / "pki"
+    pki.mkdir(mode=0o700)
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+            "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=ca", cwd=pki)
+    make_cert(pki, "server", "ca", "server", "IP:127.0.0.1")
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
+    (pki / "web.yml").write_text("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+                                 f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    port = free_port()
+    proc = subprocess.Popen([TCPSTATE, "run", "--listen-address", f"127.0.0.1:{port}", "--events", "/dev/null",
+                             "--user", "nobody", "--web-config-file", str(pki / "web.yml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+
+    def fetch(path, password):
+        req = urllib.request.Request(f"https://127.0.0.1:{port}{path}")
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"prometheus:{password}".encode()).decode())
+        try:
+            with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, ""
+
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if fetch("/-/ready", "s3cret")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        status, body = fetch("/metrics", "s3cret")
+        assert status == 200 and "tcpstate_build_info{" in body
+        assert fetch("/metrics", "wrong")[0] == 401
+        st = privileges.status(f"/proc/{proc.pid}/status")
+        assert st["Uid"] == 65534 and st["CapEff"] == 0
+    finally:
+        log = stop(proc)
+    assert f"ready: serving https://127.0.0.1:{port}/metrics (TLS on (client certificates: NoClientCert); " \
+           "basic auth for 1 user(s))" in log
+    assert log.count("web config: cannot check") == 1 and "make them readable to rotate certificates" in log
+
+
+def test_a_bad_web_config_is_a_usage_error(tmp_path):
+    bad = tmp_path / "web.yml"
+    bad.write_text("tls_server_config:\n  cert_file: nowhere.crt\n  key_file: nowhere.key\n")
+    done = subprocess.run([TCPSTATE, "run", "--web-config-file", str(bad)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"tcpstate run: error: Invalid value for '--web-config-file': {bad}: ")
+    assert len(done.stderr.splitlines()) == 1
