@@ -67,6 +67,7 @@ struct tcpstate_tally {
 	uint64_t states[13]; /* by state number; request sockets as NEW_SYN_RECV (12) */
 	uint32_t time_wait_ports[2][65536]; /* [0] local, [1] remote */
 	uint32_t port_first, port_last;    /* the ephemeral range; port_last 0: no endpoints */
+	uint8_t listening[65536 / 8];      /* bit p (byte p / 8, lowest bit first): a listener holds port p */
 	int64_t recent_ms;                 /* < 0: no recent/older split */
 	struct tcpstate_endpoint *endpoints; /* open addressing */
 	uint64_t endpoints_used, endpoints_cap; /* cap a power of two */
@@ -87,6 +88,12 @@ struct tcpstate_tally *tcpstate_tally_new(uint32_t port_first, uint32_t port_las
 		return NULL;
 	}
 	return t;
+}
+
+/* Set the ports LISTEN sockets hold (a 65536-bit set as above), before the first chunk. */
+void tcpstate_tally_listening(struct tcpstate_tally *t, const uint8_t *bits8192)
+{
+	memcpy(t->listening, bits8192, sizeof(t->listening));
 }
 
 void tcpstate_tally_free(struct tcpstate_tally *t)
@@ -193,10 +200,11 @@ static int count_record(struct tcpstate_tally *t, const uint8_t *rec, uint32_t l
 		t->time_wait_ports[0][sport]++;
 		t->time_wait_ports[1][rec[OFF_DPORT] << 8 | rec[OFF_DPORT + 1]]++;
 	}
-	/* Listeners and the server side of a handshake use the listener's port, not an ephemeral
-	 * 4-tuple of their own. */
+	/* Listeners, the server side of a handshake and the sockets a listener accepted use the
+	 * listener's port, taking no ephemeral port of this host; their peers are outsiders' picks,
+	 * not endpoints this host connects to. */
 	if (!t->port_last || sport < t->port_first || sport > t->port_last || state == ST_LISTEN ||
-	    state == ST_SYN_RECV)
+	    state == ST_SYN_RECV || (t->listening[sport >> 3] >> (sport & 7) & 1))
 		return 0;
 	static const uint8_t v4_mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF};
 	struct tcpstate_endpoint key;

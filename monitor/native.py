@@ -41,6 +41,7 @@ def _load():
     sigs = {
         "tcpstate_tally_new": (p, [u32, u32, i64]),
         "tcpstate_tally_free": (None, [p]),
+        "tcpstate_tally_listening": (None, [p, ctypes.c_char_p]),
         "tcpstate_tally_chunk": (ctypes.c_int, [p, p, u64, ctypes.POINTER(TallyError)]),
         "tcpstate_tally_states": (None, [p, p]),
         "tcpstate_tally_bins": (None, [p, ctypes.c_int, p]),
@@ -74,14 +75,20 @@ class NativeTally:
     65536 bins per side, endpoints in a hash table there, and finish(top_n) decodes only the
     top ones. tw_local / tw_remote materialize whole Counters when asked (tests)."""
 
-    def __init__(self, port_range: tuple[int, int] | None, recent_ms: int | None):
+    def __init__(self, port_range: tuple[int, int] | None, recent_ms: int | None, listening: bytes | None = None):
+        """listening: the ports LISTEN sockets hold, as sockdiag.listening_ports() gives them
+        (None: none); sockets on those ports are no endpoint's."""
         if LIB is None:
             raise RuntimeError(UNAVAILABLE)
+        if listening is not None and len(listening) != 8192:
+            raise ValueError("listening must be a 65536-bit set (8192 bytes)")
         first, last = port_range if port_range is not None else (0, 0)
         self.recent_ms = recent_ms
         self._t = LIB.tcpstate_tally_new(first, last, -1 if recent_ms is None else recent_ms)
         if not self._t:
             raise MemoryError("tcpstate_tally_new")
+        if listening is not None:
+            LIB.tcpstate_tally_listening(self._t, bytes(listening))
         self._err = TallyError()
         self.states: Counter = Counter()
         self.remote_time_wait: Counter = Counter()

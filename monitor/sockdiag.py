@@ -250,6 +250,49 @@ def in_range_mask(hi: bytes, lo: bytes, first: int, last: int) -> bytes:
     return _or(hi.translate(inside), _or(low_edge, high_edge))
 
 
+_INVERT = bytes(0xFF if b == 0 else 0 for b in range(256))  # a mask's complement
+
+# At most this many distinct high bytes among the listening ports in range are matched by
+# byte tables (a pass over the records each, ~4 ns per record); more by a 65536-entry table,
+# one lookup per record (~40 ns), whatever their number.
+MAX_LISTENER_ROWS = 8
+
+
+@lru_cache(maxsize=8)
+def _listener_tables(listening: bytes, first: int, last: int) -> tuple:
+    """((high-byte table, low-byte table) per high byte of the listening ports in [first, last])
+    when there are at most MAX_LISTENER_ROWS of them, else a 65536-entry table, 0xFF for
+    each of those ports."""
+    ports = [p for i in range(first >> 3, (last >> 3) + 1) if listening[i]  # skip empty bytes whole
+             for p in range(8 * i, 8 * i + 8) if first <= p <= last and listening[i] >> (p & 7) & 1]
+    rows: dict[int, set] = {}
+    for p in ports:
+        rows.setdefault(p >> 8, set()).add(p & 0xFF)
+    if len(rows) <= MAX_LISTENER_ROWS:
+        return tuple((_table(lambda b, h=h: b == h), _table(lambda b, lows=lows: b in lows))
+                     for h, lows in sorted(rows.items()))
+    table = bytearray(65536)
+    for p in ports:
+        table[p] = 0xFF
+    return bytes(table)
+
+
+def not_listening_mask(hi: bytes, lo: bytes, listening: bytes, first: int, last: int) -> bytes | None:
+    """0x00 for each port (given as its high and low bytes) in [first, last] that a listener
+    holds (bit p of listening, as listening_ports() gives it), else 0xFF; None when no
+    listener holds a port in the range."""
+    tables = _listener_tables(listening, first, last)
+    if not tables:
+        return None
+    if isinstance(tables, bytes):
+        held = bytes(map(tables.__getitem__, _ports(hi, lo, b"\xff" * len(hi))))
+    else:
+        held = bytes(len(hi))
+        for high, low in tables:
+            held = _or(held, _and(hi.translate(high), lo.translate(low)))
+    return held.translate(_INVERT)
+
+
 def _ports(hi: bytes, lo: bytes, mask: bytes) -> array:
     """16-bit ports given as byte columns, as an array; masked-out entries become port 0."""
     buf = bytearray(2 * len(hi))
@@ -266,14 +309,18 @@ class Tally:
     states: Counter = field(default_factory=Counter)  # state number -> sockets (NEW_SYN_RECV as 12)
     tw_local: Counter = field(default_factory=Counter)  # local port -> TIME_WAIT sockets
     tw_remote: Counter = field(default_factory=Counter)  # remote port -> TIME_WAIT sockets
-    # (family, address bytes (4 or 16), port) -> sockets on a local port in the ephemeral range,
-    # in TIME_WAIT / in any other state that holds a 4-tuple (not LISTEN, not SYN_RECV)
+    # (family, address bytes (4 or 16), port) -> sockets on a local port in the ephemeral range
+    # that no listener holds, in TIME_WAIT / in any other state that holds a 4-tuple (not
+    # LISTEN, not SYN_RECV). A listener's accepted sockets take no ephemeral port of this host,
+    # and their peers (outsiders' choice) are no endpoints.
     remote_time_wait: Counter = field(default_factory=Counter)
     remote_other: Counter = field(default_factory=Counter)
     # Of remote_time_wait, the sockets whose timer has at least recent_ms left: those that
     # entered TIME_WAIT within the last (60 s - recent_ms). None: not counted.
     recent_ms: int | None = None
     remote_recent: Counter = field(default_factory=Counter)
+    # The ports LISTEN sockets hold, as listening_ports() gives them; None: none.
+    listening: bytes | None = field(default=None, repr=False)
     _endpoint_keys: Counter = field(default_factory=Counter, repr=False, compare=False)
 
     def add(self, records: bytes, stride: int, mini: bool, port_range: tuple[int, int] | None) -> None:
@@ -301,6 +348,10 @@ class Tally:
             recent = in_range_mask(records[hi::stride], records[lo::stride], self.recent_ms, 0xFFFF)
             kind = _or(kind, recent.translate(_NOT_TO_2))  # TIME_WAIT: 1 if recent, else 3
         flag = _and(_and(in_range_mask(sp_hi, sp_lo, *port_range), st.translate(_HOLDING)), kind)
+        if self.listening is not None and flag.strip(b"\0"):
+            free = not_listening_mask(sp_hi, sp_lo, self.listening, *port_range)
+            if free is not None:
+                flag = _and(flag, free)
         if flag.strip(b"\0"):
             self._add_remotes(records, stride, flag, dp_hi, dp_lo)
 
@@ -382,23 +433,42 @@ def one_walk_pays(sockstat: str) -> bool:
     return tw >= 64 * max(1, inuse)
 
 
+def listening_ports(sock: socket.socket, per_family: bool = False) -> bytes:
+    """The local ports of the namespace's LISTEN sockets as a 65536-bit set: bit p (byte p >> 3,
+    lowest bit first) for port p. A dump of listeners alone, so the kernel skips the tables of
+    connected sockets; taken before the counting dumps because their order does not put a
+    listener before its accepted sockets (per family, or minisockets first)."""
+    bits = bytearray(8192)
+    families = (socket.AF_INET, socket.AF_INET6) if per_family else (socket.AF_UNSPEC,)
+    for family in families:
+        for records, stride, _ in dump(sock, request(1 << LISTEN, family)):
+            cols = (records[OFF_STATE::stride], records[OFF_SPORT::stride], records[OFF_SPORT + 1::stride])
+            for state, hi, lo in set(zip(*cols)):
+                if state == LISTEN:  # the kernel sends only these; a stray record must not hide endpoints
+                    port = hi << 8 | lo
+                    bits[port >> 3] |= 1 << (port & 7)
+    return bytes(bits)
+
+
 def poll(sock: socket.socket, port_range: tuple[int, int] | None, per_family: bool = False,
          one_walk: bool = False, recent_ms: int | None = None, top_n: int | None = None,
          rank_window: float = 0.0, use_native: bool | None = None):
     """Every TCP socket of the socket's namespace by state, TIME_WAIT sockets by local and
     remote port, and sockets on a local port in port_range (the ephemeral ports) by remote
-    endpoint. Both families per walk; per_family uses the newer request, a walk per family,
-    for kernels without the old one. one_walk: see one_walk_pays(). recent_ms: see Tally.
-    Counted by _tally.c when it is built (use_native None), else by Tally. top_n, rank_window:
-    decode only what summarize() keeps (see NativeTally.finish; None: everything)."""
+    endpoint, leaving out the ports listeners hold (a dump of listeners first). Both families
+    per walk; per_family uses the newer request, a walk per family, for kernels without the
+    old one. one_walk: see one_walk_pays(). recent_ms: see Tally. Counted by _tally.c when it
+    is built (use_native None), else by Tally. top_n, rank_window: decode only what
+    summarize() keeps (see NativeTally.finish; None: everything)."""
     if use_native is None:
         use_native = native.LIB is not None
+    listening = listening_ports(sock, per_family) if port_range is not None else None
     families = (socket.AF_INET, socket.AF_INET6) if per_family else (socket.AF_UNSPEC,)
     walks = (ALL_STATES,) if one_walk else (MINI_STATES, FULL_STATES)
     requests = [request(states, family) for family in families for states in walks]
     if use_native:
-        return _poll_native(sock, requests, port_range, recent_ms, top_n, rank_window)
-    tally = Tally(recent_ms=recent_ms)
+        return _poll_native(sock, requests, port_range, recent_ms, listening, top_n, rank_window)
+    tally = Tally(recent_ms=recent_ms, listening=listening)
     for req in requests:
         # Runs of one kind are counted in batches of about BATCH bytes: few passes, and
         # buffers small enough to stay in cache and be reused instead of faulted in.
@@ -415,8 +485,8 @@ def poll(sock: socket.socket, port_range: tuple[int, int] | None, per_family: bo
     return tally.finish()
 
 
-def _poll_native(sock, requests, port_range, recent_ms, top_n, rank_window):
-    tally = native.NativeTally(port_range, recent_ms)
+def _poll_native(sock, requests, port_range, recent_ms, listening, top_n, rank_window):
+    tally = native.NativeTally(port_range, recent_ms, listening)
     buf = bytearray(1 << 16)  # a dump datagram is at most 32 KB
     try:
         for req in requests:

@@ -44,8 +44,10 @@ class Target:
 @dataclass(frozen=True)
 class EndpointStat:
     remote: str  # "198.18.0.2:80"
-    time_wait: int  # sockets in TIME_WAIT on an ephemeral local port
-    other: int  # sockets in other states on an ephemeral local port
+    # Sockets on an ephemeral local port that no listener holds (a listener's accepted sockets
+    # take no ephemeral port, and their peers are outsiders' choice): in TIME_WAIT / other states.
+    time_wait: int
+    other: int
     entry_rate: float  # TIME_WAIT entries per second over the forecast window
     forecast: PortForecast | None
 

@@ -250,3 +250,94 @@ def test_one_walk_and_two_walks_agree(pair):
         for s in held:
             s.close()
         lst.close()
+
+
+def wait_for(what: str, cond) -> None:
+    deadline = time.monotonic() + 5
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_listeners_clients_are_no_endpoints():
+    """A service on a port inside the ephemeral range, an IPv4 one and a dual-stack [::] one:
+    the sockets they accepted (ESTABLISHED, CLOSE_WAIT, TIME_WAIT) take no ephemeral port of
+    the server's namespace, so their clients' addresses and ports are no endpoints there; the
+    server's own outbound connection is. In the clients' namespace each service is one
+    endpoint holding exactly the connections made to it."""
+    from monitor import sockdiag
+
+    from .netns import in_netns, ip
+
+    p = NetnsPair("l")  # fresh: the module's pair may hold other tests' sockets
+    p.down()
+    p.up()
+    client_addrs = [p.CLIENT_ADDR, "198.18.0.4", "198.18.0.5"]
+    for addr in client_addrs[1:]:
+        ip("-n", p.client, "addr", "add", f"{addr}/24", "dev", "tst0")
+    ns_exec(p.server, "sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40999")
+    held = []
+    try:
+        v4 = traffic.Listener(p.server, p.SERVER_ADDR, 40500)
+        dual = traffic.Listener(p.server, "::", 40600, socket.AF_INET6)  # IPv4 clients reach it mapped
+        held += [v4.sock, dual.sock]
+        back = traffic.Listener(p.client, p.CLIENT_ADDR, 7000)  # for the server's own connection
+        held.append(back.sock)
+        services = [(v4, p.SERVER_ADDR), (dual, p.SERVER_ADDR2)]
+        for lst, addr in services:
+            for src in client_addrs:
+                ends = []
+                for _ in range(4):  # kept open, client half-closed, server closes first, client closes first
+                    c = socket_in(p.client)
+                    c.settimeout(5)
+                    c.bind((src, 0))
+                    c.connect((addr, lst.port))
+                    s, _ = lst.sock.accept()
+                    s.settimeout(5)
+                    ends.append((c, s))
+                (c0, s0), (c1, s1), (c2, s2), (c3, s3) = ends
+                held += [c0, s0, c1, s1]
+                c1.shutdown(socket.SHUT_WR)  # client FIN_WAIT2, server CLOSE_WAIT
+                s2.close()  # server TIME_WAIT once the client closes too
+                assert c2.recv(1) == b""
+                c2.close()
+                c3.close()  # client TIME_WAIT
+                assert s3.recv(1) == b""
+                s3.close()
+        out = socket_in(p.server)
+        out.settimeout(5)
+        out.connect((p.CLIENT_ADDR, 7000))
+        held += [out, back.sock.accept()[0]]
+        wait_for("the server's CLOSE_WAIT and TIME_WAIT, the clients' LAST_ACK gone",
+                 lambda: (ss_count(p.server, "close-wait"), ss_count(p.server, "time-wait"),
+                          ns_exec(p.client, "ss", "-Htan", "state", "last-ack").strip()) == (6, 6, ""))
+
+        server = poll(p.server, top_n=50)
+        per_service = len(client_addrs)
+        assert {s: server.sockets[s] for s in ("LISTEN", "ESTABLISHED", "CLOSE_WAIT", "TIME_WAIT")} == {
+            "LISTEN": 2, "ESTABLISHED": 2 * per_service + 1, "CLOSE_WAIT": 6, "TIME_WAIT": 6}
+        # Still counted by port: the server's TIME_WAIT sits on the services' ports.
+        assert {port: n for side, port, n in server.time_wait_ports if side == "local"} == {
+            "40500": per_service, "40600": per_service, "other": 0}
+        [ep] = server.endpoints
+        assert (ep.remote, ep.time_wait, ep.other) == (f"{p.CLIENT_ADDR}:7000", 0, 1)
+
+        # Every kind of walk, counted in C and in Python: no client is an endpoint.
+        with in_netns(p.server):
+            sock = sockdiag.open_socket()
+        with sock:
+            for kw in ({}, {"one_walk": True}, {"per_family": True}):
+                for use_native in (True, False):
+                    t = sockdiag.poll(sock, (40000, 40999), use_native=use_native, **kw)
+                    keys = set(t.remote_time_wait) | set(t.remote_other)
+                    assert [sockdiag.endpoint_label(k) for k in keys] == [f"{p.CLIENT_ADDR}:7000"], (kw, use_native)
+
+        client = poll(p.client, top_n=50)
+        by_remote = {e.remote: (e.time_wait, e.other) for e in client.endpoints}
+        # Per service and client address: one TIME_WAIT; one ESTABLISHED and one FIN_WAIT2 holding ports.
+        assert by_remote == {f"{p.SERVER_ADDR}:40500": (per_service, 2 * per_service),
+                             f"{p.SERVER_ADDR2}:40600": (per_service, 2 * per_service)}
+    finally:
+        for s in held:
+            s.close()
+        p.down()

@@ -109,8 +109,16 @@ def parse(chunk):
     return out
 
 
-def reference(records, port_range, recent_ms=None):
-    """What Tally must compute, written the obvious way."""
+def port_set(ports):
+    """A set of ports as the 65536-bit set listening_ports() returns, built bit by bit."""
+    bits = bytearray(8192)
+    for p in ports:
+        bits[p // 8] |= 1 << p % 8
+    return bytes(bits)
+
+
+def reference(records, port_range, recent_ms=None, listening=()):
+    """What Tally must compute, written the obvious way. listening: the ports listeners hold."""
     ref = Tally(recent_ms=recent_ms)
     for r in records:
         state = r["state"]
@@ -124,6 +132,8 @@ def reference(records, port_range, recent_ms=None):
             continue
         if state in (LISTEN, SYN_RECV):  # they use the listener's port, not an ephemeral one of their own
             continue
+        if r["sport"] in listening:  # a listener's accepted socket: its peer picked the 4-tuple
+            continue
         key = endpoint(r["family"], r["dst"], r["dport"])
         (ref.remote_time_wait if state == TIME_WAIT else ref.remote_other)[key] += 1
         # A TIME_WAIT timer starts at 60 000 ms: at least recent_ms left means it entered
@@ -133,16 +143,16 @@ def reference(records, port_range, recent_ms=None):
     return ref
 
 
-def tally_of(chunks, port_range, recent_ms=None):
+def tally_of(chunks, port_range, recent_ms=None, listening=None):
     """What poll() does with the datagrams of a dump, in Python (returned) and in C (which
-    must agree on every count and on the top ports)."""
-    t = Tally(recent_ms=recent_ms)
+    must agree on every count and on the top ports). listening: ports listeners hold (a set)."""
+    t = Tally(recent_ms=recent_ms, listening=None if listening is None else port_set(listening))
     for chunk in chunks:
         runs, _ = split_records(chunk)
         for records, stride, is_full in runs:
             t.add(records, stride, not is_full, port_range)
     t.finish()
-    c = native_tally_of(chunks, port_range, recent_ms)
+    c = native_tally_of(chunks, port_range, recent_ms, listening=listening)
     assert_same(c, t)
     for side in ("local", "remote"):
         for n in (0, 1, 3, 10, 70000):
@@ -150,7 +160,7 @@ def tally_of(chunks, port_range, recent_ms=None):
     # As the daemon asks: only the top ports and endpoints decoded, ranked in C the way
     # summarize() ranks them, with a forecast (window 30 s) and without (all ports reserved).
     for window, reserved, n in ((30.0, 0, 3), (30.0, 0, 1), (0.0, 70000, 2)):
-        kept = native_tally_of(chunks, port_range, recent_ms, top_n=n, rank_window=window)
+        kept = native_tally_of(chunks, port_range, recent_ms, top_n=n, rank_window=window, listening=listening)
         assert kept.states == t.states
         for side in ("local", "remote"):
             assert kept.top_ports(side, n) == t.top_ports(side, n)
@@ -165,8 +175,8 @@ def tally_of(chunks, port_range, recent_ms=None):
     return t
 
 
-def native_tally_of(chunks, port_range, recent_ms=None, top_n=None, rank_window=0.0):
-    c = native.NativeTally(port_range, recent_ms)
+def native_tally_of(chunks, port_range, recent_ms=None, top_n=None, rank_window=0.0, listening=None):
+    c = native.NativeTally(port_range, recent_ms, None if listening is None else port_set(listening))
     for chunk in chunks:
         c.feed(chunk, len(chunk))
     return c.finish(top_n, rank_window)
@@ -278,10 +288,10 @@ def datagrams(rng, records, end=True):
     return out
 
 
-def check(chunks, port_range, recent_ms=None):
-    ref = reference([r for c in chunks for r in parse(c)], port_range, recent_ms)
+def check(chunks, port_range, recent_ms=None, listening=None):
+    ref = reference([r for c in chunks for r in parse(c)], port_range, recent_ms, listening or ())
     assert sum(run_count(c) for c in chunks) == sum(len(parse(c)) for c in chunks)  # none lost
-    got = tally_of(chunks, port_range, recent_ms)
+    got = tally_of(chunks, port_range, recent_ms, listening)
     assert_same(got, ref)
     if recent_ms is None:
         assert not got.remote_recent
@@ -353,6 +363,58 @@ def test_families_and_ranges_match_reference(families, port_range):
             check(datagrams(rng, recs), port_range, recent_ms)
 
 
+def listeners_for(rng, records, port_range, many):
+    """Ports for listeners: about a third of those the in-range holding records use (so some
+    sockets are left out), a few anywhere, and with many, 40 more in the range (on more than
+    MAX_LISTENER_ROWS high bytes where the range spans them)."""
+    first, last = port_range
+    used = sorted({r["sport"] for r in records
+                   if first <= r["sport"] <= last and r["state"] not in (LISTEN, SYN_RECV)})
+    ports = set(rng.sample(used, (len(used) + 2) // 3))
+    ports |= {rng.randint(1, 65535) for _ in range(5)}
+    if many:
+        ports |= {rng.randint(first, last) for _ in range(40)}
+    return ports
+
+
+@pytest.mark.parametrize("many", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("port_range", RANGES)
+def test_listener_ports_match_reference(port_range, seed, many):
+    rng = random.Random(f"listeners {port_range} {seed} {many}")
+    recent_ms = rng.choice(RECENT)
+    recs = []
+    while len(recs) < 400:
+        recs += random_records(rng, rng.choice([1, 3, 40]), rng.choice(["mini", "full", "one"]), port_range,
+                               mini_sizes=MINI_SIZES, full_sizes=FULL_SIZES, recent_ms=recent_ms)
+    records = [r for rec in recs for r in parse(rec)]
+    listening = listeners_for(rng, records, port_range, many)
+    first, last = port_range
+    rows = {p >> 8 for p in listening if first <= p <= last}
+    tables = sockdiag._listener_tables(port_set(listening), first, last)
+    assert isinstance(tables, bytes) == (len(rows) > sockdiag.MAX_LISTENER_ROWS)
+    got = check(datagrams(rng, recs), port_range, recent_ms, listening)
+    # The listeners did hide sockets that would count otherwise: exactly those on their ports.
+    held = [r for r in records if first <= r["sport"] <= last and r["state"] not in (LISTEN, SYN_RECV)]
+    hidden = sum(r["sport"] in listening for r in held)
+    assert hidden > 0
+    total = sum(got.remote_time_wait.values()) + sum(got.remote_other.values())
+    assert total == len(held) - hidden
+
+
+def test_listener_tables_switch_past_max_rows():
+    # Up to MAX_LISTENER_ROWS high bytes: a pair of byte tables each; one more: a 65536-entry table.
+    ports = [0x8000 + 0x100 * i + i for i in range(sockdiag.MAX_LISTENER_ROWS)]
+    rows = sockdiag._listener_tables(port_set(ports + [80, 0x8001]), 0x8000, 0xFFFF)  # 80: off the range
+    assert len(rows) == sockdiag.MAX_LISTENER_ROWS
+    assert [(high.index(0xFF), [b for b in range(256) if low[b]]) for high, low in rows] == \
+        [(0x80, [0, 1])] + [(0x80 + i, [i]) for i in range(1, sockdiag.MAX_LISTENER_ROWS)]
+    table = sockdiag._listener_tables(port_set(ports + [0xF000, 80]), 0x8000, 0xFFFF)
+    assert [p for p in range(65536) if table[p]] == ports + [0xF000]
+    assert sockdiag._listener_tables(port_set([80, 443]), 0x8000, 0xFFFF) == ()
+    assert sockdiag.not_listening_mask(b"\x00", b"\x50", port_set([80]), 0x8000, 0xFFFF) is None
+
+
 @pytest.mark.parametrize("port_range", RANGES)
 def test_range_edges_exactly(port_range):
     # One socket on each edge and one past each: exactly those inside count.
@@ -373,6 +435,53 @@ def test_request_sockets_are_new_syn_recv():
     # Neither kind of SYN_RECV holds an ephemeral port: they share the listener's.
     assert t.remote_time_wait == Counter({(AF_INET, V4[0], 80): 1})
     assert t.remote_other == Counter({(AF_INET, V4[0], 80): 1})
+
+
+# Listeners on other ports in the range: none, or on more high bytes than MAX_LISTENER_ROWS
+# (the 65536-entry table instead of byte tables); none on a port the records use.
+OTHER_LISTENERS = {"none": [], "many": [0x8107 + 0x100 * i for i in range(12)]}
+
+
+@pytest.mark.parametrize("others", OTHER_LISTENERS)
+@pytest.mark.parametrize("copies", [1, 4])  # cut record by record, and runs
+def test_a_listeners_accepted_sockets_are_no_endpoints(copies, others):
+    # Port 40000 lies in the ephemeral range, and a service listens on it (IPv4), and on 40001
+    # (dual stack). The sockets it accepted, in any state, took no ephemeral port of this host:
+    # their peers' addresses and ports must not become endpoints. This host's own connections
+    # from ephemeral ports, 40002 among them, are counted.
+    port_range = (32768, 60999)
+    clients = [(AF_INET, V4[0], 51000), (AF_INET, V4[1], 51001), (AF_INET6, V6[0], 51002),
+               (AF_INET6, MAPPED[2], 52000)]
+    accepted = [full(clients[0][0], ESTABLISHED, 40000, clients[0][2], clients[0][1]),
+                mini(clients[1][0], TIME_WAIT, 40000, clients[1][2], clients[1][1], expires=59000),
+                full(clients[2][0], CLOSE_WAIT, 40000, clients[2][2], clients[2][1]),
+                full(clients[3][0], ESTABLISHED, 40001, clients[3][2], clients[3][1])]
+    listeners = [full(AF_INET, LISTEN, 40000, 0, bytes(4)), full(AF_INET6, LISTEN, 40001, 0, bytes(16), size=132)]
+    db = (AF_INET, V4[3], 5432)
+    outbound = [full(AF_INET, ESTABLISHED, 45000, 5432, V4[3]), mini(AF_INET, TIME_WAIT, 45001, 5432, V4[3],
+                                                                       expires=59000),
+                full(AF_INET, ESTABLISHED, 40002, 5432, V4[3])]
+    # The accepted sockets before their listeners, as a dump may send them.
+    chunk = b"".join(r for r in accepted + outbound + listeners for _ in range(copies)) + done()
+    listening = {40000, 40001, *OTHER_LISTENERS[others]}
+    t = tally_of([chunk], port_range, 30000, listening)  # asserts C == Python
+    assert t.remote_other == Counter({db: 2 * copies})
+    assert t.remote_time_wait == Counter({db: copies}) and t.remote_recent == Counter({db: copies})
+    assert not {endpoint(*c) for c in clients} & (set(t.remote_other) | set(t.remote_time_wait))
+    # By state and TIME_WAIT by port they count as before.
+    assert +t.states == {ESTABLISHED: 4 * copies, TIME_WAIT: 2 * copies, CLOSE_WAIT: copies, LISTEN: 2 * copies}
+    assert t.tw_local == Counter({40000: copies, 45001: copies})
+    assert t.tw_remote == Counter({51001: copies, 5432: copies})
+    # Without the listeners' ports the clients were endpoints: what this leaves out.
+    t = tally_of([chunk], port_range, 30000)
+    assert t.remote_other == Counter({db: 2 * copies, endpoint(*clients[0]): copies, endpoint(*clients[2]): copies,
+                                      endpoint(*clients[3]): copies})
+    assert t.remote_time_wait == Counter({db: copies, endpoint(*clients[1]): copies})
+
+
+def test_native_tally_refuses_a_port_set_of_another_size():
+    with pytest.raises(ValueError):
+        native.NativeTally((32768, 60999), None, bytes(8191))
 
 
 @pytest.mark.parametrize("recent_ms", [30000, 0x1200, 255, 1])
@@ -438,12 +547,64 @@ def test_poll_passes_recent_ms_to_every_walk(kw, walks, use_native):
     web = (AF_INET, V4[0], 80)
     tw = b"".join(mini(AF_INET, TIME_WAIT, 40000 + i, 80, V4[0], expires=e)
                   for i, e in enumerate((29999, 30000, 45000, 1000, 60000)))
-    replies = [[tw, done()] for _ in range(walks)]
+    no_listeners = [[done()]] * (2 if kw.get("per_family") else 1)
+    replies = no_listeners + [[tw, done()] for _ in range(walks)]
     t = sockdiag.poll(FakeDiagSocket(replies), (40000, 40100), recent_ms=30000, **kw)
     assert t.remote_time_wait == Counter({web: 5 * walks})
     assert t.remote_recent == Counter({web: 3 * walks})
     t = sockdiag.poll(FakeDiagSocket(replies), (40000, 40100), **kw)
     assert t.recent_ms is None and t.remote_recent == Counter()
+
+
+def listener_dump_request(family):
+    return request(1 << LISTEN, family)
+
+
+@pytest.mark.parametrize("per_family", [False, True])
+def test_listening_ports(per_family):
+    # Listeners of both families over several datagrams, two on one port (two addresses); a
+    # record in another state (the kernel sends none) sets no bit.
+    v4 = [full(AF_INET, LISTEN, p, 0, bytes(4)) for p in (1, 80, 80, 40000)]
+    v6 = [full(AF_INET6, LISTEN, p, 0, bytes(16), size=132) for p in (443, 40000, 65535)]
+    stray = full(AF_INET, ESTABLISHED, 5555, 80, V4[0])
+    if per_family:
+        replies = [[b"".join(v4[:2]), b"".join(v4[2:]) + stray + done()], [b"".join(v6) + done()]]
+    else:
+        replies = [[b"".join(v4[:3]), b"".join(v4[3:] + v6) + stray, done()]]
+    sock = FakeDiagSocket(replies)
+    bits = sockdiag.listening_ports(sock, per_family)
+    assert bits == port_set({1, 80, 443, 40000, 65535}) and len(bits) == 8192
+    families = (AF_INET, AF_INET6) if per_family else (socket.AF_UNSPEC,)
+    assert sock.requests == [listener_dump_request(f) for f in families]
+
+
+@pytest.mark.parametrize("use_native", [False, True])
+@pytest.mark.parametrize("per_family", [False, True])
+def test_poll_leaves_out_the_ports_listeners_hold(per_family, use_native):
+    # The counting dumps do not put a listener before the sockets it accepted: minisockets come
+    # first, and per family the IPv4 dump before the IPv6 one that holds a dual-stack [::]:40000
+    # listener. The listeners' own dump, sent first, is what tells.
+    web = (AF_INET, V4[3], 80)
+    children = [mini(AF_INET, TIME_WAIT, 40000, 51000 + i, V4[i], expires=59000) for i in range(3)]
+    ours = [mini(AF_INET, TIME_WAIT, 45000, 80, V4[3], expires=59000)]
+    open_children = [full(AF_INET, ESTABLISHED, 40000, 52000 + i, V4[i]) for i in range(2)]
+    open_ours = [full(AF_INET, ESTABLISHED, 45001, 80, V4[3])]
+    listener = full(AF_INET6, LISTEN, 40000, 0, bytes(16), size=132)
+    walks = [[b"".join(children + ours) + done()], [b"".join(open_children + open_ours) + listener + done()]]
+    if per_family:
+        listen_dumps = [[done()], [listener + done()]]
+        walks = [walks[0], [b"".join(open_children + open_ours) + done()], [done()], [listener + done()]]
+    else:
+        listen_dumps = [[listener + done()]]
+    sock = FakeDiagSocket(listen_dumps + walks)
+    t = sockdiag.poll(sock, (32768, 60999), per_family=per_family, recent_ms=30000, use_native=use_native)
+    assert t.remote_time_wait == Counter({web: 1}) and t.remote_recent == Counter({web: 1})
+    assert t.remote_other == Counter({web: 1})
+    assert +t.states == {TIME_WAIT: 4, ESTABLISHED: 3, LISTEN: 1}
+    assert t.tw_local == Counter({40000: 3, 45000: 1})
+    families = (AF_INET, AF_INET6) if per_family else (socket.AF_UNSPEC,)
+    assert sock.requests[:len(families)] == [listener_dump_request(f) for f in families]
+    assert len(sock.requests) == len(families) * 3 and not sock.replies
 
 
 def test_v4_mapped_and_v4_share_a_key():
