@@ -305,7 +305,7 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
 def _drop_privileges(exporter, probes, account, netns_paths) -> None:
     """Credentials are per thread: the HTTP thread pauses so that the process has one thread
     while they change, and every thread started later inherits the dropped set."""
-    from .privileges import PrivilegeError, drop_after_attach, netns_needs
+    from .privileges import PrivilegeError, ReadsRefused, drop_after_attach, netns_needs
 
     def reads():
         probes.read()
@@ -315,10 +315,13 @@ def _drop_privileges(exporter, probes, account, netns_paths) -> None:
     exporter.pause()
     try:
         log.info(drop_after_attach(reads, account, netns_needs(netns_paths)))
-    except PrivilegeError as exc:
+    except ReadsRefused as exc:
         if account is not None:
             raise Fatal(f"cannot become user {account.name}: {exc.strerror}; run without --user") from None
         log.warning("privileges kept: %s", exc.strerror)
+    except PrivilegeError as exc:  # a half-done drop is no state to serve in
+        who = f"become user {account.name}" if account is not None else "drop privileges"
+        raise Fatal(f"cannot {who}: {exc.strerror}") from None
     finally:
         exporter.resume()
 

@@ -23,12 +23,22 @@ PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _CAP_VERSION_3 = 0x20080522
 _SYS_SETRESUID = {"x86_64": 117, "aarch64": 147}
 _SYS_SETRESGID = {"x86_64": 119, "aarch64": 149}
+_SYS_SETGROUPS = {"x86_64": 116, "aarch64": 159}
+UID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to setresuid
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class PrivilegeError(OSError):
     """The kernel refused a step of the drop."""
+
+
+class CredentialError(PrivilegeError):
+    """The switch to another user was refused (a capability missing, or a user namespace)."""
+
+
+class ReadsRefused(PrivilegeError):
+    """The maps cannot be read with fewer privileges: nothing was dropped."""
 
 
 class _Header(ctypes.Structure):
@@ -51,8 +61,10 @@ class Account:
         try:
             entry = pwd.getpwnam(spec)
         except KeyError:
-            if not spec.isdigit():
+            if not (spec.isascii() and spec.isdigit()):
                 raise ValueError(f"no user {spec!r} on this host (useradd --system {spec}, or give a uid)") from None
+            if int(spec) > UID_MAX:
+                raise ValueError(f"uid {spec} is out of range (0 to {UID_MAX})") from None
             try:
                 entry = pwd.getpwuid(int(spec))
             except KeyError:  # a bare uid is fine: containers often have no passwd entry for it
@@ -89,12 +101,16 @@ def _capset_thread(keep: frozenset[int]) -> None:
     _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
-def _raw_setres(ids: dict, value: int, what: str) -> None:
+def _raw(ids: dict, what: str, *args: int) -> None:
     """The raw system call changes the calling thread only (glibc's wrapper changes them all)."""
     nr = ids.get(os.uname().machine)
     if nr is None:
         raise PrivilegeError(errno.ENOSYS, f"{what}: unknown architecture {os.uname().machine}")
-    _check(_libc.syscall(nr, value, value, value), what)
+    _check(_libc.syscall(nr, *args), what)
+
+
+def _effective_has(cap: int) -> bool:
+    return bool(status("/proc/thread-self/status")["CapEff"] >> cap & 1)
 
 
 def status(path: str = "/proc/self/status") -> dict:
@@ -125,12 +141,17 @@ def try_reads(keep: frozenset[int], account: Account | None, reads: Callable[[],
 
     def probe():
         try:
-            if account is not None:
-                _raw_setres(_SYS_SETRESGID, account.gid, "setresgid")
-                if keep:
-                    _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
-                _raw_setres(_SYS_SETRESUID, account.uid, "setresuid")
-            _capset_thread(keep)
+            try:
+                if account is not None:
+                    _raw(_SYS_SETGROUPS, "setgroups", 0, 0)
+                    _raw(_SYS_SETRESGID, "setresgid", account.gid, account.gid, account.gid)
+                    if keep:
+                        _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
+                    _raw(_SYS_SETRESUID, "setresuid", account.uid, account.uid, account.uid)
+                _capset_thread(keep)
+            except PrivilegeError as exc:
+                result.append(CredentialError(exc.errno, exc.strerror))
+                return
             reads()
         except OSError as exc:
             result.append(exc)
@@ -145,35 +166,46 @@ def try_reads(keep: frozenset[int], account: Account | None, reads: Callable[[],
     return result[0] if result else OSError(errno.EIO, "the probe thread died")
 
 
-def drop(keep: frozenset[int], account: Account | None) -> None:
+def drop(keep: frozenset[int], account: Account | None) -> bool:
     """Give up every capability but keep, for good: the bounding and ambient sets too, with
     no_new_privs, then switch to account if given. Credentials are per thread, so this must
-    run while the process has one thread; the caller makes sure."""
-    # A joined Python thread may not have left the kernel yet, and a request that came during
-    # the compile may still be answering (the server times reads out after 30 s): wait for them.
-    deadline = time.monotonic() + 45
+    run while the process has one thread; the caller makes sure. Returns whether the bounding
+    set could be emptied (that takes CAP_SETPCAP)."""
+    # A joined Python thread may not have left the kernel yet, nor a request thread whose
+    # connection the server has just ended: wait for them, briefly.
+    deadline = time.monotonic() + 10
     while len(tasks := os.listdir("/proc/self/task")) != 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     if len(tasks) != 1:
         raise PrivilegeError(errno.EBUSY, f"{len(tasks)} threads running; the drop needs exactly one")
     _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
     # The bounding set limits what an exec could regain; dropping from it leaves the effective
-    # set alone, so CAP_SETUID and CAP_SETPCAP still work for the steps below.
-    for cap in range(_last_cap() + 1):
-        if cap not in keep:
-            rc = _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
-            if rc != 0 and ctypes.get_errno() != errno.EINVAL:  # EINVAL: a cap this kernel lacks
-                _check(rc, f"prctl(PR_CAPBSET_DROP, {cap})")
+    # set alone, so CAP_SETUID still works for the steps below. It takes CAP_SETPCAP; without
+    # it (e.g. a container given only CAP_BPF and CAP_PERFMON) the set stays, which no_new_privs
+    # makes harmless: nothing is executed, and an exec could not gain from it.
+    bounded = _effective_has(CAP_SETPCAP)
+    if bounded:
+        for cap in range(_last_cap() + 1):
+            if cap not in keep:
+                rc = _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+                if rc != 0 and ctypes.get_errno() != errno.EINVAL:  # EINVAL: a cap this kernel lacks
+                    _check(rc, f"prctl(PR_CAPBSET_DROP, {cap})")
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     if account is not None:
         if keep:  # else the uid change empties the permitted set we still want to keep from
             _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
-        os.setgroups([])
-        os.setresgid(account.gid, account.gid, account.gid)
-        os.setresuid(account.uid, account.uid, account.uid)
+        try:
+            os.setgroups([])
+            os.setresgid(account.gid, account.gid, account.gid)
+            os.setresuid(account.uid, account.uid, account.uid)
+        except OSError as exc:
+            raise CredentialError(exc.errno, f"switching to {account.name}: {exc.strerror}") from None
+        if os.getresuid() != (account.uid,) * 3 or os.getresgid() != (account.gid,) * 3:
+            raise CredentialError(errno.EPERM, f"still uid {os.getresuid()[0]} after switching to {account.name}")
     _capset_thread(keep)
     if account is not None and keep:
         _check(_libc.prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
+    return bounded
 
 
 def netns_needs(paths: Iterable[str]) -> dict[int, str]:
@@ -193,18 +225,25 @@ def drop_after_attach(reads: Callable[[], None], account: Account | None, needs:
     """The smallest capability set with which reads still work, then the drop. Kernels from 6.5
     read maps through a held descriptor with no capability; older ones want CAP_BPF (or
     CAP_SYS_ADMIN before 5.8). needs: what the rest of the daemon keeps, and why.
-    Returns a line for the log; raises PrivilegeError when nothing could be dropped."""
+    Returns a line for the log. Raises CredentialError when the user switch is refused,
+    ReadsRefused when no smaller set reads the maps (nothing dropped then), and
+    PrivilegeError when a step of the drop itself fails."""
     base = frozenset(needs)
     last = None
     for extra in (frozenset(), frozenset({CAP_BPF}), frozenset({CAP_SYS_ADMIN})):
         keep = base | extra
         last = try_reads(keep, account, reads)
+        if isinstance(last, CredentialError):
+            raise CredentialError(last.errno, f"{last.strerror} (switching users takes CAP_SETUID and "
+                                  "CAP_SETGID, and a user namespace that allows setgroups)")
         if last is None:
-            drop(keep, account)
+            bounded = drop(keep, account)
             who = f"user {account.name} (uid {account.uid}, gid {account.gid})" if account else "uid 0"
             why = [f"{NAMES[c]} {reason}" for c, reason in sorted(needs.items())]
             if extra - base:
                 why.append(f"{describe(extra)}: this kernel reads BPF maps only with it")
+            if not bounded:
+                why.append("bounding set kept: emptying it takes CAP_SETPCAP; no_new_privs is set")
             return f"privileges dropped: running as {who} with capabilities: {describe(keep)}" + (
                 f" ({'; '.join(why)})" if why else "")
-    raise PrivilegeError(last.errno or errno.EPERM, f"the maps cannot be read with fewer privileges ({last})")
+    raise ReadsRefused(last.errno or errno.EPERM, f"the maps cannot be read with fewer privileges ({last})")

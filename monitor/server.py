@@ -35,7 +35,7 @@ LANDING = """<!doctype html>
 """
 
 
-HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to start and finish the TLS handshake
+HANDSHAKE_TIMEOUT = 10.0  # seconds any one read or write of the TLS handshake may stall
 REQUEST_TIMEOUT = 30.0  # seconds any one read or write of a request may stall
 # What Go's net/http answers on a TLS port to a plain-HTTP request (the toolkit's servers).
 PLAIN_HTTP_REFUSAL = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
@@ -111,6 +111,38 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     dual_stack = False
 
+    def __init__(self, *args, **kwargs):
+        self._conns: set = set()  # connections being served, for drop_connections()
+        self._conns_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def _track(self, add=None, remove=None) -> None:
+        with self._conns_lock:
+            self._conns.discard(remove)
+            if add is not None:
+                self._conns.add(add)
+
+    def process_request(self, request, client_address):
+        self._track(add=request)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._track(remove=request)
+
+    def drop_connections(self) -> None:
+        """End every connection being served: its thread then ends at once, whatever the client
+        does (a client trickling bytes would otherwise hold it for as long as it likes)."""
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
     def server_bind(self):
         if self.dual_stack:  # ":PORT" serves IPv4 and IPv6, like node_exporter
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -124,9 +156,11 @@ class _Server(ThreadingHTTPServer):
         conn = _tls_accept(request, client_address, web)
         if conn is None:
             return None
+        self._track(add=conn, remove=request)
         try:
             return super().finish_request(conn, client_address)
         finally:
+            self._track(remove=conn)
             self.shutdown_request(conn)  # the plain socket was handed over to conn
 
 
@@ -214,11 +248,13 @@ class Exporter:
         self._thread.start()
 
     def pause(self) -> None:
-        """Stop serving (the socket stays bound; connections wait in its backlog) and wait until
-        no request is in flight, so the process has one thread, e.g. to drop privileges."""
+        """Stop accepting (the socket stays bound; new connections wait in its backlog) and end
+        the connections being served, so that their threads end too: e.g. to drop privileges,
+        which needs the process to have one thread."""
         if self._server is not None:
             self._server.shutdown()
             self._thread.join()
+            self._server.drop_connections()
 
     def resume(self) -> None:
         if self._server is not None and not self._thread.is_alive():

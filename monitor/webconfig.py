@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import errno
 import hashlib
 import hmac
@@ -425,7 +426,7 @@ class WebConfig:
         while they do not load."""
         with self._lock:
             config_sig = _signature([self.path])
-            if self._unreadable(config_sig):
+            if self._unreadable([self.path]):
                 return
             settings = self._settings
             if config_sig != self._config_sig:
@@ -437,7 +438,14 @@ class WebConfig:
                 except WebConfigError as exc:
                     self._fail((config_sig, None), exc)
             files_sig = _signature(settings.tls.files()) if settings.tls else ()
-            if self._unreadable(files_sig):
+            if settings.tls and self._unreadable(settings.tls.files()):
+                # The certificates stay as loaded; users and headers still follow the file.
+                if config_sig != self._config_sig:
+                    self._settings = dataclasses.replace(settings, tls=self._settings.tls)
+                    self._config_sig = config_sig
+                    log.info("web config reloaded, certificates kept as loaded: %s", self.path)
+                    with self._cache_lock:
+                        self._cache.clear()
                 return
             if config_sig == self._config_sig and files_sig == self._files_sig:
                 self._error = self._failed_sig = None  # unchanged, or back to what last loaded
@@ -455,13 +463,22 @@ class WebConfig:
             with self._cache_lock:
                 self._cache.clear()
 
-    def _unreadable(self, sig: tuple) -> bool:
-        """After --user, the files may be out of the daemon's reach. What was loaded as root
-        keeps serving; only rotation needs them readable, and the log says so once."""
-        denied = [entry[0] for entry in sig if len(entry) == 2 and entry[1] in (errno.EACCES, errno.EPERM)]
+    def _unreadable(self, names) -> bool:
+        """After --user, files may be out of the daemon's reach. What was loaded as root keeps
+        serving; to pick up changes they must be readable, and the log says so once."""
+        denied = []
+        for name in names:
+            try:
+                os.stat(name)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM):
+                    denied.append(name)
+                continue  # a missing file is a change that fails to load, reported as such
+            if not os.access(name, os.R_OK):
+                denied.append(name)
         if denied and not self._warned_unreadable:
-            log.warning("web config: cannot check %s for changes as this user (permission denied); serving what "
-                        "was loaded at start: make them readable to rotate certificates", ", ".join(denied))
+            log.warning("web config: cannot read %s as this user (permission denied); serving what was loaded "
+                        "from it: make it readable to this user to pick up changes", ", ".join(denied))
             self._warned_unreadable = True
         return bool(denied)
 

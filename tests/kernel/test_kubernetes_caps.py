@@ -106,5 +106,6 @@ def test_without_the_switch_capabilities_the_user_flag_is_fatal():
     finally:
         rc, log = stop(proc)
     assert rc == 1
-    assert log.splitlines()[-1] == (f"tcpstate: error: cannot become user {name}: the maps cannot be read with fewer "
-                                    "privileges ([Errno 1] setresgid: Operation not permitted); run without --user")
+    assert log.splitlines()[-1] == (f"tcpstate: error: cannot become user {name}: setgroups: Operation not permitted "
+                                    "(switching users takes CAP_SETUID and CAP_SETGID, and a user namespace that "
+                                    "allows setgroups)")

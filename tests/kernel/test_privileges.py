@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 from monitor import privileges
 
@@ -208,7 +209,7 @@ def test_tls_and_basic_auth_keep_serving_after_the_drop_to_a_user(tmp_path):
         log = stop(proc)
     assert f"ready: serving https://127.0.0.1:{port}/metrics (TLS on (client certificates: NoClientCert); " \
            "basic auth for 1 user(s))" in log
-    assert log.count("web config: cannot check") == 1 and "make them readable to rotate certificates" in log
+    assert log.count("web config: cannot read") == 1 and "make it readable to this user to pick up changes" in log
 
 
 def test_a_bad_web_config_is_a_usage_error(tmp_path):
@@ -218,3 +219,126 @@ def test_a_bad_web_config_is_a_usage_error(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith(f"tcpstate run: error: Invalid value for '--web-config-file': {bad}: ")
     assert len(done.stderr.splitlines()) == 1
+
+
+def test_without_cap_setpcap_everything_else_is_still_dropped():
+    """As in `docker run --cap-drop ALL --cap-add BPF --cap-add PERFMON`: the bounding set cannot
+    be emptied, so it stays, and the effective and permitted sets still go."""
+    port = free_port()
+    proc = subprocess.Popen(["setpriv", "--bounding-set=-all,+bpf,+perfmon", "--inh-caps=-all", "--", TCPSTATE, "run",
+                             "--listen-address", f"127.0.0.1:{port}", "--events", "/dev/null"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+        for st in thread_states(proc.pid):
+            assert st["CapEff"] == st["CapPrm"] == 0 and st["NoNewPrivs"] == 1, st
+            assert st["CapBnd"] == 1 << privileges.CAP_BPF | 1 << privileges.CAP_PERFMON, st
+    finally:
+        log = stop(proc)
+    assert ("privileges dropped: running as uid 0 with capabilities: none (bounding set kept: emptying it takes "
+            "CAP_SETPCAP; no_new_privs is set)") in log
+
+
+def test_a_client_trickling_bytes_during_the_compile_cannot_stop_the_drop():
+    """A connection accepted before the drop is ended by it, however slowly its client writes;
+    the drop goes ahead, and the client's socket is closed."""
+    port = free_port()
+    proc = subprocess.Popen([TCPSTATE, "run", "--listen-address", f"127.0.0.1:{port}", "--events", "/dev/null"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import socket
+
+    client = None
+    try:
+        deadline = time.monotonic() + 30
+        while client is None and time.monotonic() < deadline:  # the port listens before the compile
+            try:
+                client = socket.create_connection(("127.0.0.1", port), timeout=1)
+            except OSError:
+                time.sleep(0.01)
+        assert client is not None
+        assert get(f"http://127.0.0.1:{port}/-/ready")[0] == 503  # still compiling: the race is real
+        ended = None
+        for byte in b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"x" * 60:  # one byte a second, bounded
+            try:
+                client.sendall(bytes([byte]))
+                client.settimeout(1.0)
+                if client.recv(1) == b"":
+                    ended = "closed"
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                ended = "reset"
+                break
+        assert ended, "the slow connection was never ended"
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+    finally:
+        if client is not None:
+            client.close()
+        log = stop(proc)
+    assert "privileges dropped: running as uid 0 with capabilities: none" in log
+
+
+def test_after_the_drop_a_readable_config_still_applies_with_a_root_only_key():
+    """The usual layout: config and certificate readable, the key root's alone (0600). After
+    --user, a changed password in the config applies; the key stays as loaded, said once."""
+    import base64
+    import shutil
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    import bcrypt
+
+    from tests.unit.test_webconfig import make_cert, openssl
+
+    d = Path(f"/run/tcpstate-test-web-{os.getpid()}")  # a directory every user can traverse
+    d.mkdir(mode=0o755)
+    port = free_port()
+    proc = None
+    try:
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+                "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=ca", cwd=d)
+        make_cert(d, "server", "ca", "server", "IP:127.0.0.1")
+        os.chmod(d / "server.key", 0o600)
+        os.chmod(d / "server.crt", 0o644)
+
+        def config(password):
+            hashed = bcrypt.hashpw(password, bcrypt.gensalt(4)).decode()
+            (d / "web.yml.new").write_text("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+                                           f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+            os.chmod(d / "web.yml.new", 0o644)
+            os.replace(d / "web.yml.new", d / "web.yml")
+
+        config(b"one")
+        proc = subprocess.Popen([TCPSTATE, "run", "--listen-address", f"127.0.0.1:{port}", "--events", "/dev/null",
+                                 "--user", "nobody", "--web-config-file", str(d / "web.yml")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ctx = ssl.create_default_context(cafile=str(d / "ca.crt"))
+
+        def status(password):
+            req = urllib.request.Request(f"https://127.0.0.1:{port}/-/ready")
+            req.add_header("Authorization", "Basic " + base64.b64encode(b"prometheus:" + password).decode())
+            try:
+                with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+                    return r.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if status(b"one") == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert status(b"one") == 200
+        config(b"two")
+        assert (status(b"two"), status(b"one")) == (200, 401)
+    finally:
+        log = stop(proc) if proc is not None else ""
+        shutil.rmtree(d, ignore_errors=True)
+    assert log.count("web config: cannot read") == 1 and f"{d}/server.key" in log
+    assert "web config reloaded, certificates kept as loaded" in log

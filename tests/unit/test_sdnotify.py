@@ -67,6 +67,11 @@ def test_user_lookup():
     assert privileges.Account.lookup("4242424") == privileges.Account("4242424", 4242424, 4242424)
     with pytest.raises(ValueError, match="no user 'no-such-user-here' on this host"):
         privileges.Account.lookup("no-such-user-here")
+    # (uid_t)-1 tells setresuid "leave it": the daemon would stay root while saying otherwise.
+    with pytest.raises(ValueError, match=r"uid 4294967295 is out of range \(0 to 4294967294\)"):
+        privileges.Account.lookup("4294967295")
+    with pytest.raises(ValueError, match="no user"):
+        privileges.Account.lookup("\u0663")  # ARABIC-INDIC DIGIT THREE: isdigit(), but not a uid
 
 
 def test_netns_needs():
