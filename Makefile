@@ -63,8 +63,11 @@ SYSTEMCTL := systemctl
 SYSTEMD_RUNNING := $(shell test -d /run/systemd/system && echo yes)
 UNIT_SUBST := sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' -e 's|@ACCOUNT@|$(ACCOUNT)|g'
 
-install: host $(NATIVE)
+# Only what the daemon needs goes on the host: not the test tools of `make setup`.
+install:
 	@test "$$(id -u)" -eq 0 || { echo "install: must run as root (sudo make install)" >&2; exit 1; }
+	@TCPSTATE_SETUP_MINIMAL=1 TCPSTATE_SETUP_EXTRA=gcc bash deploy/setup-host.sh
+	$(MAKE) --no-print-directory $(NATIVE)
 	@test -x $(PREFIX)/bin/python || $(PYTHON) -m venv --system-site-packages $(PREFIX)
 	$(PREFIX)/bin/pip install -q --disable-pip-version-check --upgrade .
 	install -d $(PREFIX)/share/doc/tcpstate $(BINDIR) $(UNITDIR) $(SYSCONFDIR)/default
@@ -77,8 +80,9 @@ install: host $(NATIVE)
 	@test -e $(SYSCONFDIR)/default/tcpstate || install -m 0644 deploy/systemd/tcpstate.default $(SYSCONFDIR)/default/tcpstate
 ifeq ($(SYSTEMD_RUNNING),yes)
 	$(SYSTEMCTL) daemon-reload
-	$(SYSTEMCTL) enable --now tcpstate.service
-	@echo "install: tcpstate.service enabled and started; journalctl -u tcpstate follows it"
+	$(SYSTEMCTL) enable tcpstate.service
+	$(SYSTEMCTL) restart tcpstate.service
+	@echo "install: tcpstate.service enabled and (re)started; journalctl -u tcpstate follows it"
 else
 	$(SYSTEMCTL) enable tcpstate.service
 	@echo "install: systemd is not running here: tcpstate.service is enabled for the next boot, not started"
@@ -95,7 +99,8 @@ else
 endif
 	rm -f $(UNITDIR)/tcpstate.service
 	@if [ "$$(readlink $(BINDIR)/tcpstate)" = "$(PREFIX)/bin/tcpstate" ]; then rm -f $(BINDIR)/tcpstate; fi
-	rm -rf $(PREFIX)
+	@if [ -f $(PREFIX)/pyvenv.cfg ]; then rm -rf $(PREFIX); \
+	elif [ -e $(PREFIX) ]; then echo "uninstall: left $(PREFIX) alone: it is not a tcpstate virtualenv" >&2; fi
 	@if cmp -s deploy/systemd/tcpstate.default $(SYSCONFDIR)/default/tcpstate; then rm -f $(SYSCONFDIR)/default/tcpstate; \
 	elif [ -e $(SYSCONFDIR)/default/tcpstate ]; then echo "uninstall: kept $(SYSCONFDIR)/default/tcpstate (changed)"; fi
 ifeq ($(SYSTEMD_RUNNING),yes)

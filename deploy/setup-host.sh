@@ -16,7 +16,11 @@ arch=$(dpkg --print-architecture)
 packages=(python3-bpfcc python3-venv python3-pip iproute2 prometheus curl gcc nftables python3-seccomp)
 # kubectl: a unit test builds deploy/kubernetes with `kubectl kustomize` (Debian: kubernetes-client)
 command -v kubectl >/dev/null || packages+=(kubernetes-client)
+# MINIMAL: what the daemon needs to run (make install, the container), without the test tools;
+# EXTRA: packages to add to either list (make install adds gcc, for the socket-table counter).
 [[ ${TCPSTATE_SETUP_MINIMAL:-} == 1 ]] && packages=(python3-bpfcc python3-venv)
+# shellcheck disable=SC2206  # a space-separated list of package names
+packages+=(${TCPSTATE_SETUP_EXTRA:-})
 
 say() { echo "setup-host: $*" >&2; }
 

@@ -226,6 +226,8 @@ def parse(path: str) -> Settings:
     for name, value in r.mapping(http.get("headers"), "http_server_config.headers", tuple(HEADERS)).items():
         key = f"http_server_config.headers.{name}"
         value = r.string(value, key)
+        if "\r" in value or "\n" in value:  # it would end the header and start another
+            r.fail(key, "a header value cannot hold a line break")
         if HEADERS[name] and value not in HEADERS[name]:
             r.fail(key, f"{value!r} is not allowed (one of: {', '.join(HEADERS[name])})")
         if value:  # blank means unset

@@ -22,6 +22,9 @@ tracefs=/sys/kernel/tracing
 # that compile or read tracepoints need headers and tracefs; config-check and --help do not.
 command=
 args=("$@")
+for a in "$@"; do
+    [[ $a == -h || $a == --help ]] && exec tcpstate "$@"
+done
 for ((i = 0; i < ${#args[@]}; i++)); do
     case ${args[i]} in
     --log-level) i=$((i + 1)) ;;

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -35,7 +36,7 @@ APPLIED = {
     "ExecStart", "Environment", "EnvironmentFile", "CapabilityBoundingSet", "AmbientCapabilities",
     "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectKernelTunables",
     "ProtectKernelLogs", "ProtectControlGroups", "ProtectHostname", "RestrictNamespaces", "MemoryDenyWriteExecute",
-    "UMask", "RestrictAddressFamilies", "SystemCallArchitectures", "SystemCallFilter",
+    "UMask", "RestrictAddressFamilies", "SystemCallArchitectures", "SystemCallFilter", "LimitMEMLOCK",
 }
 CAPS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_FOWNER": 3, "CAP_FSETID": 4,
         "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_NET_BIND_SERVICE": 10,
@@ -284,6 +285,15 @@ def main() -> None:
     apply_mounts(unit)
     if "UMask" in unit:
         os.umask(int(unit["UMask"][-1], 8))
+    if "LimitMEMLOCK" in unit:
+        value = unit["LimitMEMLOCK"][-1]
+        if value != "infinity":
+            die(f"LimitMEMLOCK={value} is not reproduced here")
+        try:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        except ValueError:  # this host withholds CAP_SYS_RESOURCE: the daemon runs under a lower limit
+            print("unit_sandbox: LimitMEMLOCK=infinity not applied (no CAP_SYS_RESOURCE here); the lower "
+                  "limit is stricter than the unit's", file=sys.stderr)
     os.chdir("/")
     drop_capabilities(unit)
     for f in seccomp_filters:

@@ -571,3 +571,12 @@ def test_the_deploy_example(pki, tmp_path):
     wc = webconfig.load(tmp_path / "web-config.yml")
     assert wc.tls and wc.check_auth(basic("prometheus", "change-me")) and not wc.check_auth(basic("prometheus", "x"))
     assert promtool_ok(tmp_path / "web-config.yml")
+
+
+def test_a_header_value_cannot_split_the_response(conf):
+    path = conf("http_server_config:\n  headers:\n    Content-Security-Policy: |\n      default-src 'self'\n"
+                "      X-Injected: 1\n")
+    with pytest.raises(webconfig.WebConfigError) as err:
+        webconfig.load(path)
+    assert str(err.value) == (f"{path}: http_server_config.headers.Content-Security-Policy: "
+                              "a header value cannot hold a line break")
