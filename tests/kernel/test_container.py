@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from .test_daemon import free_port, get
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = str(ROOT / "deploy" / "container" / "entrypoint.sh")
@@ -38,20 +37,6 @@ def env(**extra) -> dict:
     e.pop("BCC_KERNEL_SOURCE", None)
     e.update(extra)
     return e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def in_namespace(setup: str, args: list[str]) -> list[str]:
