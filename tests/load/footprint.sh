@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# footprint.sh: the daemon's RSS and CPU (% of one core) under loopback churn between two namespaces it
+# creates (198.19.0.0/24), the churn namespace polled with --netns; bounded by SECONDS (default 20).
+# Usage: sudo tests/load/footprint.sh [SECONDS]   (needs `make setup`; EXTRA adds flags to `tcpstate run`)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+secs=${1:-20}
+work=$(mktemp -d); a=fp-a-$$ b=fp-b-$$ port=19978
+gcc -O2 -pthread -o "$work/churn" tests/load/churn.c
+cleanup() { [[ -n ${srv:-} ]] && kill "$srv" 2>/dev/null; [[ -n ${daemon:-} ]] && kill "$daemon" 2>/dev/null; ip netns del "$a" 2>/dev/null||true; ip netns del "$b" 2>/dev/null||true; rm -rf "$work"; }
+trap cleanup EXIT
+ip netns add "$a"; ip netns add "$b"
+ip link add tst0 netns "$a" type veth peer name tst0 netns "$b"
+ip -n "$a" addr add 198.19.0.1/24 dev tst0; ip -n "$b" addr add 198.19.0.2/24 dev tst0
+for n in "$a" "$b"; do ip -n "$n" link set lo up; ip -n "$n" link set tst0 up; done
+ip netns exec "$a" sysctl -qw net.ipv4.ip_local_port_range="10000 65535" net.ipv4.tcp_tw_reuse=1
+ip netns exec "$b" "$work/churn" server 198.19.0.2 5001 2 > "$work/srv" & srv=$!
+sleep 0.3
+.venv/bin/tcpstate --log-level warning run --listen-address "127.0.0.1:$port" --netns /var/run/netns/$a ${EXTRA:-} > /dev/null &
+daemon=$!
+until curl -sf "127.0.0.1:$port/-/ready" >/dev/null; do sleep 0.2; done
+sleep 2
+t0=$(awk '{print $14+$15}' /proc/$daemon/stat); echo "ready RSS: $(grep VmRSS /proc/$daemon/status)"
+ip netns exec "$a" "$work/churn" client 198.19.0.2 5001 "$secs" 1000000000 2 &
+cl=$!
+while kill -0 $cl 2>/dev/null; do curl -s -o /dev/null "127.0.0.1:$port/metrics"; sleep 1; done
+t1=$(awk '{print $14+$15}' /proc/$daemon/stat)
+echo "CPU during churn: $(awk -v a=$t0 -v b=$t1 -v s=$secs 'BEGIN{printf "%.1f%% of one core", (b-a)/100/s*100}')"
+grep -E "VmRSS|VmHWM" /proc/$daemon/status
+curl -s "127.0.0.1:$port/metrics" | grep -E '^tcpstate_sockets\{netns="fp' | head -3
