@@ -21,7 +21,14 @@ N = 10
 
 
 def thread_states(pid: int) -> list[dict]:
-    return [privileges.status(f"/proc/{pid}/task/{tid}/status") for tid in os.listdir(f"/proc/{pid}/task")]
+    """Every thread's credentials; a request thread may end between the listing and the read."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out.append(privileges.status(f"/proc/{pid}/task/{tid}/status"))
+        except FileNotFoundError:
+            pass
+    return out
 
 
 def test_the_probe_thread_holds_the_reduced_set_and_the_rest_of_the_process_keeps_its_own():
