@@ -269,6 +269,7 @@ def drop_capabilities(unit: dict) -> None:
 
 
 def main() -> None:
+    # ProtectHostname=: the caller's `unshare --uts` gives the process its own hostname namespace.
     if len(sys.argv) != 2:
         die("usage: unit_sandbox.py UNIT_FILE (as root, inside unshare --mount --uts)")
     unit = parse_service(sys.argv[1])
@@ -280,8 +281,6 @@ def main() -> None:
         die(f"ExecStart prefix {argv[0][0]!r} is not reproduced here")
     env = environment(unit)
     seccomp_filters = filters(unit)
-    if yes(unit, "ProtectHostname"):
-        pass  # `unshare --uts` gave the process its own hostname namespace
     apply_mounts(unit)
     if "UMask" in unit:
         os.umask(int(unit["UMask"][-1], 8))

@@ -6,16 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 secs=${1:-20}
 work=$(mktemp -d); a=fp-a-$$ b=fp-b-$$ port=19978
-gcc -O2 -pthread -o "$work/churn" tests/load/churn.c
 cleanup() { [[ -n ${srv:-} ]] && kill "$srv" 2>/dev/null; [[ -n ${daemon:-} ]] && kill "$daemon" 2>/dev/null; ip netns del "$a" 2>/dev/null||true; ip netns del "$b" 2>/dev/null||true; rm -rf "$work"; }
 trap cleanup EXIT
-ip netns add "$a"; ip netns add "$b"
-ip link add tst0 netns "$a" type veth peer name tst0 netns "$b"
-ip -n "$a" addr add 198.19.0.1/24 dev tst0; ip -n "$b" addr add 198.19.0.2/24 dev tst0
-for n in "$a" "$b"; do ip -n "$n" link set lo up; ip -n "$n" link set tst0 up; done
-ip netns exec "$a" sysctl -qw net.ipv4.ip_local_port_range="10000 65535" net.ipv4.tcp_tw_reuse=1
-ip netns exec "$b" "$work/churn" server 198.19.0.2 5001 2 > "$work/srv" & srv=$!
-sleep 0.3
+# shellcheck source=tests/load/churn-pair.sh
+source tests/load/churn-pair.sh
 .venv/bin/tcpstate --log-level warning run --listen-address "127.0.0.1:$port" --netns /var/run/netns/$a ${EXTRA:-} > /dev/null &
 daemon=$!
 until curl -sf "127.0.0.1:$port/-/ready" >/dev/null; do sleep 0.2; done

@@ -10,7 +10,6 @@ secs=${1:-5}
 rounds=${2:-3}
 work=$(mktemp -d)
 a=ovh-a-$$ b=ovh-b-$$ port=19977
-gcc -O2 -pthread -o "$work/churn" tests/load/churn.c
 stats_was=$(sysctl -n kernel.bpf_stats_enabled)
 cleanup() {
     sysctl -qw kernel.bpf_stats_enabled="$stats_was"
@@ -21,13 +20,8 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-ip netns add "$a"; ip netns add "$b"
-ip link add tst0 netns "$a" type veth peer name tst0 netns "$b"
-ip -n "$a" addr add 198.19.0.1/24 dev tst0; ip -n "$b" addr add 198.19.0.2/24 dev tst0
-for n in "$a" "$b"; do ip -n "$n" link set lo up; ip -n "$n" link set tst0 up; done
-ip netns exec "$a" sysctl -qw net.ipv4.ip_local_port_range="10000 65535" net.ipv4.tcp_tw_reuse=1
-ip netns exec "$b" "$work/churn" server 198.19.0.2 5001 2 > "$work/srv" & srv=$!
-sleep 0.3
+# shellcheck source=tests/load/churn-pair.sh
+source tests/load/churn-pair.sh
 
 metric() { curl -s "127.0.0.1:$port/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 churn() { ip netns exec "$a" "$work/churn" client 198.19.0.2 5001 "$secs" 1000000000 2 | sed 's/.*rate=//'; }
