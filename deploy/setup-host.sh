@@ -12,8 +12,11 @@ kver=$(uname -r)
 arch=$(dpkg --print-architecture)
 # gcc: the unit tests compile bpf/tcpstate_logic.h, the load tests tests/load/churn.c;
 # nftables: a kernel test plays an on-path device that rejects requests with resets;
-# python3-seccomp: the systemd test applies the unit's system-call filters as systemd would
-packages=(python3-bpfcc python3-venv python3-pip iproute2 prometheus curl gcc nftables python3-seccomp)
+# python3-seccomp: the systemd test applies the unit's system-call filters as systemd would;
+# bpftool: the fault tests check that no program or map outlives a killed daemon;
+# bpfcc-tools: `make bench` runs bcc's tcpstates beside tcpstate
+packages=(python3-bpfcc python3-venv python3-pip iproute2 prometheus curl gcc nftables python3-seccomp bpftool
+          bpfcc-tools)
 # kubectl: a unit test builds deploy/kubernetes with `kubectl kustomize` (Debian: kubernetes-client)
 command -v kubectl >/dev/null || packages+=(kubernetes-client)
 # MINIMAL: what the daemon needs to run (make install, the container), without the test tools;
