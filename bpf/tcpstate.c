@@ -71,22 +71,34 @@ BPF_HASH(include_ports, __u16, __u8, 1024);
 BPF_RINGBUF_OUTPUT(events, 256);
 #endif
 
-/* Local (s) and remote (d) end of a connection; also the key of recent_closes (no padding). */
+/* Local (s) and remote (d) end of a connection. Five aligned words, zeroed before they are
+ * filled, so that tcpstate_flow_hash can read it whole. */
 struct flow {
+	__u8 saddr[16];
+	__u8 daddr[16];
 	__u16 family;
 	__u16 sport;
 	__u16 dport;
-	__u8 saddr[16];
-	__u8 daddr[16];
-};
+	__u16 pad;
+} __attribute__((aligned(8)));
+_Static_assert(sizeof(struct flow) == 40, "tcpstate_flow_hash reads struct flow as 5 words");
 
-/* Both tables take an insert per connection or per reset: per-CPU LRU lists (each CPU evicts
- * from its own share) spare them the global LRU lock under churn. */
 #if TCPSTATE_MAX_CLOSES > 0
-/* 4-tuple -> when a connection on it closed: the next connection on it within the reuse window
- * is a port reuse. LRU: at more closes per window than it holds, the oldest are forgotten. */
-BPF_F_TABLE("lru_hash", struct flow, __u64, recent_closes, TCPSTATE_MAX_CLOSES, BPF_F_NO_COMMON_LRU);
+/* When connections closed, by 4-tuple: the next connection on one within the reuse window is a
+ * port reuse (tcpstate.h, struct tcpstate_close_set). */
+#define TCPSTATE_CLOSE_SETS ((TCPSTATE_MAX_CLOSES + TCPSTATE_CLOSE_WAYS - 1) / TCPSTATE_CLOSE_WAYS)
+BPF_ARRAY(recent_closes, struct tcpstate_close_set, TCPSTATE_CLOSE_SETS);
+
+static __always_inline struct tcpstate_close_set *close_set(struct flow *f, __u32 *tag)
+{
+	__u64 h = tcpstate_flow_hash((const __u64 *)f);
+	__u32 idx = (__u32)h % TCPSTATE_CLOSE_SETS;
+	*tag = h >> 32;
+	return recent_closes.lookup(&idx);
+}
 #endif
+/* Offenders take an insert per new peer: per-CPU LRU lists (each CPU evicts from its own share)
+ * spare it the global LRU lock under a storm. */
 #if TCPSTATE_MAX_OFFENDERS > 0
 BPF_F_TABLE("lru_hash", struct tcpstate_offender_key, struct tcpstate_offender, offenders, TCPSTATE_MAX_OFFENDERS,
 	    BPF_F_NO_COMMON_LRU);
@@ -335,12 +347,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	}
 
 #if TCPSTATE_MAX_CLOSES > 0
-	if (closes && f.sport && f.dport) {
-		recent_closes.update(&f, &now);
-	} else if (role >= 0 && f.sport && f.dport) {
-		__u64 *closed = recent_closes.lookup(&f);
-		if (closed && tcpstate_reused(*closed, now, setting(TCPSTATE_SET_REUSE_WINDOW_NS))) {
-			recent_closes.delete(&f);  /* one close, one reuse */
+	if ((closes || role >= 0) && f.sport && f.dport) {
+		__u32 tag;
+		struct tcpstate_close_set *set = close_set(&f, &tag);
+		if (set && closes) {
+			tcpstate_close_put(set, tag, tcpstate_close_tick(now));
+		} else if (set && tcpstate_close_take(set, tag, tcpstate_close_tick(now),
+						      tcpstate_close_window(setting(TCPSTATE_SET_REUSE_WINDOW_NS)))) {
 			inc_port_reuse(role);
 			offend(&f, TCPSTATE_OFF_PORT_REUSE, 1, s, now);
 		}

@@ -90,6 +90,16 @@
 #define TCPSTATE_OFF_EARLY_RESET 4
 #define TCPSTATE_NOFFKINDS 5
 
+/* recent_closes is a set-associative cache of closed 4-tuples: no locks, no allocation, one cache
+ * line per lookup (an LRU hash cost most of the program's time under churn). A slot is one u64,
+ * written in one store: a 32-bit tag (hash) of the 4-tuple above the close time in ticks of
+ * 2^TICK_SHIFT ns (about 1 ms; 0 means empty). A full set forgets its oldest close. */
+#define TCPSTATE_CLOSE_WAYS 8
+#define TCPSTATE_CLOSE_TICK_SHIFT 20
+struct tcpstate_close_set {
+	__u64 slot[TCPSTATE_CLOSE_WAYS];
+};
+
 /* Per-socket memory (value of the socks LRU table, keyed by socket address). */
 struct tcpstate_sock {
 	__u64 state_ts_ns; /* when the current state was entered */

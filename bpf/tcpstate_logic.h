@@ -88,10 +88,71 @@ static __always_inline int tcpstate_opening_role(__u8 oldstate)
 	return -1;
 }
 
-/* A 4-tuple closed at closed_ns and opened again at now is reused if within window_ns (0: off). */
-static __always_inline int tcpstate_reused(__u64 closed_ns, __u64 now, __u64 window_ns)
+/* A hash of a 4-tuple given as 5 words (addresses, then family and ports): the low 32 bits pick
+ * the recent_closes set, the high 32 bits are the tag kept in it. */
+static __always_inline __u64 tcpstate_flow_hash(const __u64 *w)
 {
-	return window_ns != 0 && closed_ns != 0 && now >= closed_ns && now - closed_ns <= window_ns;
+	__u64 h = 0x9E3779B97F4A7C15ULL;
+	int i;
+#pragma unroll
+	for (i = 0; i < 5; i++) {
+		h ^= w[i];
+		h *= 0xBF58476D1CE4E5B9ULL;
+		h ^= h >> 31;
+	}
+	return h;
+}
+
+/* A close time in recent_closes ticks; never 0, which marks an empty slot. */
+static __always_inline __u32 tcpstate_close_tick(__u64 now_ns)
+{
+	__u32 t = (__u32)(now_ns >> TCPSTATE_CLOSE_TICK_SHIFT);
+	return t ? t : 1;
+}
+
+/* A reuse window in ticks, rounded up (0: off). */
+static __always_inline __u32 tcpstate_close_window(__u64 window_ns)
+{
+	return (__u32)((window_ns + (1ULL << TCPSTATE_CLOSE_TICK_SHIFT) - 1) >> TCPSTATE_CLOSE_TICK_SHIFT);
+}
+
+/* Remember a close: over the slot of the same 4-tuple if it has one (as a hash update would),
+ * else an empty slot, else the oldest close of the set. */
+static __always_inline void tcpstate_close_put(struct tcpstate_close_set *set, __u32 tag, __u32 tick)
+{
+	__u64 best = 0;
+	__u32 victim = 0, i;
+#pragma unroll
+	for (i = 0; i < TCPSTATE_CLOSE_WAYS; i++) {
+		__u64 v = set->slot[i];
+		__u32 stamp = (__u32)v;
+		/* Ages wrap with the 32-bit tick (52 days), far beyond any reuse window. */
+		__u64 score = !stamp ? (1ULL << 32) : (__u32)(v >> 32) == tag ? (1ULL << 33) : (__u32)(tick - stamp);
+		if (score > best) {
+			best = score;
+			victim = i;
+		}
+	}
+	set->slot[victim & (TCPSTATE_CLOSE_WAYS - 1)] = ((__u64)tag << 32) | tick;
+}
+
+/* A new connection on a 4-tuple: 1 if it closed at most window ticks ago (the slot is then
+ * emptied: one close, one reuse), 0 otherwise. A stamp from the future is no reuse. */
+static __always_inline int tcpstate_close_take(struct tcpstate_close_set *set, __u32 tag, __u32 tick, __u32 window)
+{
+	__u32 i;
+	if (!window)
+		return 0;
+#pragma unroll
+	for (i = 0; i < TCPSTATE_CLOSE_WAYS; i++) {
+		__u64 v = set->slot[i];
+		__u32 stamp = (__u32)v;
+		if (stamp && (__u32)(v >> 32) == tag && (__u32)(tick - stamp) <= window) {
+			set->slot[i] = 0;
+			return 1;
+		}
+	}
+	return 0;
 }
 
 static __always_inline __u32 tcpstate_sock_role(__u8 sock_flags)

@@ -138,7 +138,8 @@ def cli(log_level):
               envvar="TCPSTATE_MAX_SOCKETS", help="Size of the in-kernel per-socket table (LRU).")
 @click.option("--recent-closes", type=click.IntRange(0, 1 << 24), default=DEFAULT_RECENT_CLOSES, show_default=True,
               envvar="TCPSTATE_RECENT_CLOSES", help="4-tuples of closed connections remembered in the kernel to count "
-              "port reuse (LRU; 0 turns port-reuse counting off).")
+              "port reuse (in sets of 8 by a hash of the 4-tuple, each forgetting its oldest; 0 turns port-reuse "
+              "counting off).")
 @click.option("--max-offenders", type=click.IntRange(0, 1 << 20), default=DEFAULT_MAX_OFFENDERS, show_default=True,
               envvar="TCPSTATE_MAX_OFFENDERS", help="Peers remembered in the kernel as evidence for anomaly events "
               "(LRU; 0: events carry no top offenders).")

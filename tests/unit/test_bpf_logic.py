@@ -1,6 +1,8 @@
 """Build bpf/tcpstate_logic.h with gcc and check the decisions the kernel program makes, and the header's layout."""
 
+import collections
 import ctypes
+import struct
 import subprocess
 import textwrap
 
@@ -22,8 +24,13 @@ HARNESS = textwrap.dedent("""
     int clamp_reason(unsigned int r) { return tcpstate_clamp_reason(r); }
     int records_close(int o, int n) { return tcpstate_records_close(o, n); }
     int opening_role(int o) { return tcpstate_opening_role(o); }
-    int reused(unsigned long long closed, unsigned long long now, unsigned long long window)
-    { return tcpstate_reused(closed, now, window); }
+    unsigned long long flow_hash(const unsigned long long *w) { return tcpstate_flow_hash(w); }
+    unsigned int close_tick(unsigned long long ns) { return tcpstate_close_tick(ns); }
+    unsigned int close_window(unsigned long long ns) { return tcpstate_close_window(ns); }
+    void close_put(struct tcpstate_close_set *set, unsigned int tag, unsigned int tick)
+    { tcpstate_close_put(set, tag, tick); }
+    int close_take(struct tcpstate_close_set *set, unsigned int tag, unsigned int tick, unsigned int window)
+    { return tcpstate_close_take(set, tag, tick, window); }
     int early_reset(unsigned long long est, unsigned long long now, unsigned long long within, int flags)
     { return tcpstate_early_reset(est, now, within, flags); }
     int sock_role(int flags) { return tcpstate_sock_role(flags); }
@@ -74,7 +81,11 @@ def logic(tmp_path_factory):
     lib = ctypes.CDLL(str(d / "logic.so"))
     lib.hist_bucket.argtypes = [ctypes.c_ulonglong]
     lib.clamp_reason.argtypes = [ctypes.c_uint]
-    lib.reused.argtypes = [ctypes.c_ulonglong] * 3
+    lib.flow_hash.restype = ctypes.c_ulonglong
+    lib.close_tick.argtypes = [ctypes.c_ulonglong]
+    lib.close_tick.restype = ctypes.c_uint
+    lib.close_window.argtypes = [ctypes.c_ulonglong]
+    lib.close_window.restype = ctypes.c_uint
     lib.early_reset.argtypes = [ctypes.c_ulonglong] * 3 + [ctypes.c_int]
     return lib
 
@@ -204,13 +215,87 @@ def test_the_4_tuple_is_looked_up_on_leaving_syn_sent_or_syn_recv(logic):
     assert [logic.opening_role(s) for s in (LISTEN, CLOSE, ESTABLISHED)] == [-1, -1, -1]
 
 
+WAYS = C["TCPSTATE_CLOSE_WAYS"]
+
+
+def close_set():
+    return (ctypes.c_ulonglong * WAYS)()
+
+
 def test_reuse_window(logic):
-    s = 10**9
-    assert logic.reused(5 * s, 65 * s, 60 * s) == 1  # at the edge
-    assert logic.reused(5 * s, 65 * s + 1, 60 * s) == 0
-    assert logic.reused(5 * s, 6 * s, 0) == 0  # window 0: off
-    assert logic.reused(0, 6 * s, 60 * s) == 0
-    assert logic.reused(7 * s, 6 * s, 60 * s) == 0  # a stamp from the future is no reuse
+    s = close_set()
+    logic.close_put(s, 7, 1000)
+    assert logic.close_take(s, 7, 1061, 60) == 0  # past the window
+    assert logic.close_take(s, 7, 1060, 60) == 1  # at the edge
+    assert logic.close_take(s, 7, 1001, 60) == 0  # one close, one reuse
+    logic.close_put(s, 7, 1000)
+    assert logic.close_take(s, 7, 1001, 0) == 0  # window 0: off
+    assert logic.close_take(s, 7, 999, 60) == 0  # a stamp from the future is no reuse
+    assert logic.close_take(s, 8, 1001, 60) == 0  # another 4-tuple
+    assert logic.close_take(s, 7, 1001, 60) == 1
+
+
+def test_reuse_window_across_the_tick_wrap(logic):
+    s = close_set()
+    logic.close_put(s, 3, 0xFFFFFFF0)
+    assert logic.close_take(s, 3, 0x10, 0x20) == 1
+
+
+def test_a_close_again_replaces_the_4_tuples_slot(logic):
+    s = close_set()
+    logic.close_put(s, 5, 100)
+    logic.close_put(s, 5, 200)
+    assert sum(1 for v in s if v >> 32 == 5) == 1
+    assert logic.close_take(s, 5, 201, 10) == 1  # the newer close counts
+
+
+def test_a_full_set_forgets_its_oldest_close(logic):
+    s = close_set()
+    for tag in range(1, WAYS + 1):
+        logic.close_put(s, tag, 100 + tag)  # tag 1 is the oldest
+    logic.close_take(s, 4, 150, 1000)  # frees a slot: the next close takes it, not the oldest's
+    logic.close_put(s, 100, 300)
+    logic.close_put(s, 101, 301)  # now the set is full again: tag 1 goes
+    kept = {v >> 32 for v in s}
+    assert kept == {2, 3, 5, 6, 7, 8, 100, 101}
+
+
+def test_close_ticks_are_never_zero_and_windows_round_up(logic):
+    shift = C["TCPSTATE_CLOSE_TICK_SHIFT"]
+    assert logic.close_tick(0) == 1 and logic.close_tick(5 << shift) == 5
+    assert logic.close_tick((1 << (32 + shift)) + (9 << shift)) == 9  # wraps with 32 bits
+    assert logic.close_window(0) == 0
+    assert logic.close_window(1) == 1
+    assert logic.close_window(60 * 10**9) == -(-60 * 10**9 // (1 << shift))
+
+
+def flow_words(saddr: bytes, daddr: bytes, family: int, sport: int, dport: int):
+    raw = saddr.ljust(16, b"\0") + daddr.ljust(16, b"\0") + struct.pack("<HHHH", family, sport, dport, 0)
+    return (ctypes.c_ulonglong * 5)(*struct.unpack("<5Q", raw))
+
+
+def test_flow_hash_spreads_one_clients_ports_over_the_sets(logic):
+    """Under churn the 4-tuples differ only in the client port: their sets must still spread."""
+    sets = 8192
+    per_set = collections.Counter()
+    tags = set()
+    for port in range(10000, 60000):
+        h = logic.flow_hash(flow_words(bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2]), 2, port, 5001))
+        per_set[(h & 0xFFFFFFFF) % sets] += 1
+        tags.add(h >> 32)
+    # 50,000 keys into 8192 sets: about 6.1 each; a poor hash piles them into a few sets.
+    assert len(per_set) > 0.99 * sets
+    assert max(per_set.values()) <= 25
+    assert len(tags) > 49900  # tags tell apart the 4-tuples that share a set
+
+
+def test_flow_hash_sees_every_field(logic):
+    base = (bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2]), 2, 40000, 5001)
+    h0 = logic.flow_hash(flow_words(*base))
+    for i in range(5):
+        changed = list(base)
+        changed[i] = changed[i][:3] + bytes([changed[i][3] ^ 1]) if isinstance(changed[i], bytes) else changed[i] ^ 1
+        assert logic.flow_hash(flow_words(*changed)) != h0, i
 
 
 def test_reset_after_handshake_once_and_within(logic):
