@@ -108,6 +108,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # socketserver's 5 overflows when many scrapers arrive at once
     allow_reuse_address = True
     dual_stack = False
 
