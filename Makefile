@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 NATIVE := monitor/_tally.so
 ARGS ?=
 
-.PHONY: setup host run test unit kernel check bench-state clean install uninstall image
+.PHONY: setup host run test unit kernel check bench bench-state clean install uninstall image
 
 setup: host $(STAMP) $(NATIVE)
 
@@ -38,6 +38,12 @@ unit: $(STAMP) $(NATIVE)
 
 kernel: setup
 	$(VENV)/bin/python -m pytest -ra tests/kernel
+
+# Short-connection churn with no monitor, tcpstate run and bcc's tcpstates: BENCHMARKS.md and
+# BENCHMARKS.png (root; namespaces; about 7 minutes; BENCH_ARGS="--rounds 2" etc., --help lists them).
+BENCH_ARGS ?=
+bench: setup
+	$(VENV)/bin/python tests/load/bench.py $(BENCH_ARGS)
 
 # CPU time of a socket-table poll at 1k, 10k and 130k TIME_WAIT sockets (root; namespaces).
 bench-state: setup
