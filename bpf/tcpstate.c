@@ -340,7 +340,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		struct tcpstate_sock fresh = {};
 		fresh.state_ts_ns = now;
 		fresh.state = oldstate;
-		socks.update(&skaddr, &fresh);  /* an LRU map makes room by evicting */
+		/* An LRU map makes room by evicting; user space derives the evictions from these
+		 * counts and the entries it finds (probes.socket_table). */
+		if (socks.update(&skaddr, &fresh) == 0)
+			inc_stats(TCPSTATE_STAT_SOCK_INSERTED);
 		s = socks.lookup(&skaddr);
 	} else if (!s) {
 		inc_stats(TCPSTATE_STAT_SOCK_UNTRACKED);
@@ -570,7 +573,8 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 		close_resolve(args, &f, skaddr, s, TCPSTATE_TCP_TIME_WAIT);
 	}
 	/* Frees the slot at once instead of waiting for LRU eviction. */
-	socks.delete(&skaddr);
+	if (s && socks.delete(&skaddr) == 0)
+		inc_stats(TCPSTATE_STAT_SOCK_FREED);
 	return 0;
 }
 #endif

@@ -54,6 +54,8 @@
 /* stats index */
 #define TCPSTATE_STAT_EVENTS_LOST 0    /* ring buffer full (watch only) */
 #define TCPSTATE_STAT_SOCK_UNTRACKED 1 /* a transition of a socket not in socks */
+#define TCPSTATE_STAT_SOCK_INSERTED 2  /* entries added to socks */
+#define TCPSTATE_STAT_SOCK_FREED 3     /* entries removed at the socket's destruction (not by LRU eviction) */
 #define TCPSTATE_NSTATS 4
 
 /* Event kinds for the watch stream */

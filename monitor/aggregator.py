@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .events import C, DIRECTIONS, FAILURE_REASONS, HIST_BOUNDS_SECONDS, ROLES, reason_name
 from .states import NUMBERS, state_name
@@ -26,6 +27,15 @@ class RawCounters:
     resets_after_hs: tuple = (0,) * C["TCPSTATE_NRESETS_AFTER_HS"]
 
 
+class SocketTable(NamedTuple):
+    """The per-socket table (socks): its size, the entries in it now, and the sockets pushed out
+    of it by the LRU before they were destroyed (derived; see Probes.socket_table)."""
+
+    capacity: int
+    entries: int
+    evictions: int
+
+
 @dataclass(frozen=True)
 class Histogram:
     buckets: tuple  # ((upper_bound_seconds, cumulative_count), ...) ending with (inf, count)
@@ -47,6 +57,7 @@ class Counts:
     untracked_transitions: int = 0
     port_reuse: dict = field(default_factory=dict)  # client|server -> n
     resets_after_handshake: dict = field(default_factory=dict)  # (sent|received, client|server) -> n
+    socket_table: SocketTable | None = None  # read at scrapes only: counting the entries walks the table
 
 
 def _histogram(raw: tuple, which: int) -> Histogram:
@@ -61,9 +72,10 @@ def _histogram(raw: tuple, which: int) -> Histogram:
     return Histogram(buckets=tuple(buckets), count=cumulative, sum_seconds=raw[base + NBOUNDS + 1] / 1e9)
 
 
-def aggregate(raw: RawCounters, reasons: dict[int, str], programs: dict | None = None) -> Counts:
+def aggregate(raw: RawCounters, reasons: dict[int, str], programs: dict | None = None,
+              socket_table: SocketTable | None = None) -> Counts:
     """Name every non-zero counter; derive opens from the transitions."""
-    counts = Counts(programs=dict(programs or {}))
+    counts = Counts(programs=dict(programs or {}), socket_table=socket_table)
     for idx, n in enumerate(raw.transitions):
         if n:
             counts.transitions[(state_name(idx // NSTATES), state_name(idx % NSTATES))] = n

@@ -124,6 +124,10 @@ class Detector:
     def evaluate(self, sample: Sample) -> Verdict | None:
         raise NotImplementedError
 
+    def adopt(self, old: "Detector") -> None:
+        """Take over what the detector this one replaces (same kind, other thresholds) has seen,
+        where that does not depend on the thresholds."""
+
     def step(self, sample: Sample) -> Event | None:
         verdict = self.evaluate(sample)
         if verdict is None:
@@ -151,6 +155,16 @@ class Detector:
                 return self._event(now, "resolved", verdict, summary, dict(verdict.details, peak=_round(peak.value)))
         return None
 
+    def end(self, now: float, why: str) -> Event:
+        """The resolved event of a firing anomaly whose detector a config reload replaced or
+        disabled (why: "reconfigured" or "disabled"); the detector is inactive afterwards."""
+        self.active = False
+        peak = self._peak
+        return Event(now, self.kind, "resolved", self.cfg["severity"],
+                     f"Resolved: the detector was {why} by a config reload (peak {_round(peak.value)})",
+                     peak.value, peak.threshold, self.window_seconds,
+                     dict(peak.details, peak=_round(peak.value), reason=f"config_{why}"))
+
     def _event(self, now, status, verdict, summary, details) -> Event:
         return Event(now, self.kind, status, self.cfg["severity"], summary, verdict.value, verdict.threshold,
                      self.window_seconds, details)
@@ -170,6 +184,11 @@ class CounterDetector(Detector):
 
     def values(self, counts) -> dict:
         raise NotImplementedError
+
+    def adopt(self, old: Detector) -> None:
+        # Counter snapshots: without them a burst right after a reload would be the new window's start.
+        if isinstance(old, CounterDetector):
+            self.window.samples = old.window.samples
 
     def judge(self, sample: Sample) -> Verdict:
         raise NotImplementedError
@@ -430,6 +449,8 @@ class Engine:
         self._clock = clock or time.time
         self._thread = None
         self._stop = None
+        self._lock = threading.Lock()  # a reload swaps detectors between ticks, never during one
+        self._fired_before: dict = {}  # kind -> firings of detectors a reload replaced
 
     def tick(self) -> list[Event]:
         try:
@@ -438,7 +459,12 @@ class Engine:
             log.exception("anomaly detectors: reading the in-kernel counters failed")
             counts = None
         sample = Sample(self._clock(), counts, dict(self._read_namespaces()))
-        stepped = [(d, e) for d in self.detectors if (e := d.step(sample)) is not None]
+        with self._lock:
+            stepped = [(d, e) for d in self.detectors if (e := d.step(sample)) is not None]
+        return self._emit(stepped)
+
+    def _emit(self, stepped: list) -> list[Event]:
+        """Each (detector, event) with its top offenders, handed to every sink."""
         peers, read = None, False
         events = []
         for d, event in stepped:
@@ -476,10 +502,51 @@ class Engine:
         return replace(event, summary=summary, details=dict(event.details, top_offenders=[p.as_dict() for p in chosen]))
 
     def fired(self) -> dict:
-        return {d.kind: d.fired for d in self.detectors}
+        with self._lock:
+            out = dict(self._fired_before)
+            for d in self.detectors:
+                out[d.kind] = out.get(d.kind, 0) + d.fired
+            return out
 
     def active(self) -> dict:
-        return {d.kind: d.active for d in self.detectors}
+        with self._lock:
+            return {d.kind: d.active for d in self.detectors}
+
+    def reconfigure(self, cfg: dict) -> list[str]:
+        """Apply a reloaded config (config.load_detector_config) between two ticks. A detector
+        whose section is unchanged keeps its state; a changed one starts over with the new
+        thresholds, and one that was firing (or is now disabled) first resolves, with the reason
+        in its details, so that no firing event is left without its end. Returns the names of
+        the sections that changed."""
+        now = self._clock()
+        anomaly_cfg = cfg["anomaly"]
+        with self._lock:
+            old = {d.kind: d for d in self.detectors}
+            detectors, stepped, changed = [], [], []
+            for kind, cls in DETECTORS.items():
+                before = old.get(kind)
+                if before is not None and before.cfg == cfg[kind]:
+                    detectors.append(before)
+                    continue
+                if before is not None or cfg[kind]["enabled"]:
+                    changed.append(kind)
+                if before is not None:
+                    self._fired_before[kind] = self._fired_before.get(kind, 0) + before.fired
+                    if before.active:
+                        stepped.append((before, before.end(now, "disabled" if not cfg[kind]["enabled"]
+                                                           else "reconfigured")))
+                if cfg[kind]["enabled"]:
+                    fresh = cls(cfg[kind])
+                    if before is not None:
+                        fresh.adopt(before)
+                    detectors.append(fresh)
+            self.detectors = detectors
+            if (anomaly_cfg["interval_seconds"], anomaly_cfg["top_offenders"]) != (self.interval, self.top_offenders):
+                changed.append("anomaly")
+            self.interval = anomaly_cfg["interval_seconds"]
+            self.top_offenders = anomaly_cfg["top_offenders"]
+        self._emit(stepped)
+        return changed
 
     def start(self) -> None:
         self._stop = threading.Event()

@@ -202,13 +202,13 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
       sudo tcpstate run --set rst_storm.rate=50 --events-webhook http://127.0.0.1:9000/hook
       sudo tcpstate run --user nobody --web-config-file /etc/tcpstate/web-config.yml
     """
-    from . import anomaly, notify, offenders, privileges, sdnotify, webconfig
+    from . import anomaly, memory, notify, offenders, privileges, sdnotify, webconfig
     from .aggregator import aggregate
     from .collector import TcpstateCollector
     from .probes import bcc_version
     from .server import Exporter, ServerError
 
-    from .collector import AnomalyCollector, StateCollector
+    from .collector import AnomalyCollector, ReloadCollector, StateCollector
     from .statepoll import StatePoller, Target
 
     detector_cfg = _detector_config(config_path, settings)
@@ -231,6 +231,9 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
     except OSError as exc:
         raise click.BadParameter(f"{events_path}: cannot open: {exc.strerror}", param_hint="'--events'") from None
     stop = _stop_event()
+    reload_wanted = threading.Event()
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: reload_wanted.set())
+    reloads = {"success": 0, "failure": 0, "last_ok": True, "last_success": time.time()}
     filters = make_filters(include_cidr, exclude_cidr, include_port)
     targets = [Target.own()] + [Target.from_path(p) for p in netns_paths]
     labels = [t.label for t in targets]
@@ -259,9 +262,11 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
             return 0
         build = {"version": __version__, "kernel": platform.release(), "bcc_version": bcc_version(),
                  "send_reset_layout": layout.send_reset_variant or "none"}
-        registry.register(TcpstateCollector(lambda: aggregate(probes.read(), layout.reason_names, probes.program_stats()),
+        registry.register(TcpstateCollector(lambda: aggregate(probes.read(), layout.reason_names, probes.program_stats(),
+                                                              probes.socket_table()),
                                             lambda: probes.attached, build))
         _drop_privileges(exporter, probes, account, netns_paths)
+        log.info(memory.release_compiler_memory())
         if native.LIB is not None:
             log.info("socket tables: counted in C (%s)", native.LIBRARY)
         else:
@@ -278,6 +283,7 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
                                                                         time.monotonic_ns()),
                                 top_offenders=detector_cfg["anomaly"]["top_offenders"])
         registry.register(AnomalyCollector(list(anomaly.DETECTORS), engine.fired, engine.active, webhook))
+        registry.register(ReloadCollector(lambda: dict(reloads)))
         engine.start()
         log.info("anomaly detectors: %s", ", ".join(d.kind for d in detectors) or "none")
         exporter.ready.set()
@@ -285,7 +291,10 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
         log.info("ready: serving %s://%s/metrics%s", scheme, listen_address, f" ({web.describe()})" if web else "")
         systemd.ready(f"serving {scheme}://{listen_address}/metrics; "
                       f"{sum(probes.attached.values())} of {len(probes.attached)} tracepoints attached")
-        stop.wait()
+        while not stop.wait(0.2):  # signal handlers only set flags: the work happens here
+            if reload_wanted.is_set():
+                reload_wanted.clear()
+                detector_cfg = _reload(config_path, settings, detector_cfg, engine, probes, reloads)
     finally:
         systemd.stopping()
         exporter.stop()
@@ -312,6 +321,7 @@ def _drop_privileges(exporter, probes, account, netns_paths) -> None:
         probes.read()
         probes.read_offenders()
         probes.program_stats()
+        probes.socket_table()
 
     exporter.pause()
     try:
@@ -325,6 +335,39 @@ def _drop_privileges(exporter, probes, account, netns_paths) -> None:
         raise Fatal(f"cannot {who}: {exc.strerror}") from None
     finally:
         exporter.resume()
+
+
+def _reload(path, settings, current: dict, engine, probes, reloads: dict) -> dict:
+    """SIGHUP: read --config again (with --set on top). A bad file keeps the config in use and
+    says why; a good one goes to the detectors and the kernel's windows at once."""
+    from .config import ConfigError, load_detector_config
+
+    if path is None:
+        log.info("SIGHUP: no --config file to reload; the thresholds stay as they are")
+        return current
+    overrides = tuple(x for item in settings for x in item.split())
+    try:
+        cfg = load_detector_config(path, overrides)
+    except ConfigError as exc:
+        reloads["failure"] += 1
+        reloads["last_ok"] = False
+        log.error("config reload failed, keeping the previous config: %s", exc)
+        return current
+    windows = (cfg["port_reuse"]["reuse_within_seconds"], cfg["reset_after_handshake"]["within_seconds"])
+    try:
+        if windows != (probes.reuse_window, probes.early_reset_within):
+            probes.set_windows(*windows)
+    except Exception as exc:  # noqa: BLE001 (bcc raises bare exceptions): keep what the kernel has
+        reloads["failure"] += 1
+        reloads["last_ok"] = False
+        log.error("config reload failed, keeping the previous config: cannot update the kernel's windows: %s", exc)
+        return current
+    changed = engine.reconfigure(cfg)
+    reloads["success"] += 1
+    reloads["last_ok"] = True
+    reloads["last_success"] = time.time()
+    log.info("config reloaded from %s: %s", path, "changed " + ", ".join(changed) if changed else "no changes")
+    return cfg
 
 
 def _detector_config(path, settings) -> dict:
@@ -447,6 +490,8 @@ def watch(include_cidr, exclude_cidr, include_port, as_json):
             if time.monotonic() >= next_report:
                 report_lost()
                 next_report = time.monotonic() + 1
+        probes.drain_events()  # what is already in the buffer was not lost: print it before the tally
+        out.flush()
         report_lost()
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`); nothing left to say

@@ -128,6 +128,18 @@ class TcpstateCollector(Collector):
                                   "Transitions of sockets not in the socket table (opened before tcpstate "
                                   "started, or evicted); their durations are not observed.",
                                   value=counts.untracked_transitions)
+        table = counts.socket_table
+        if table is not None:
+            yield GaugeMetricFamily("tcpstate_socket_table_capacity",
+                                    "Sockets the in-kernel per-socket table holds (--max-sockets).",
+                                    value=table.capacity)
+            yield GaugeMetricFamily("tcpstate_socket_table_entries", "Sockets in the per-socket table now.",
+                                    value=table.entries)
+            yield CounterMetricFamily("tcpstate_socket_table_evictions",
+                                      "Sockets pushed out of the full per-socket table (LRU) while still open; "
+                                      "their later transitions count as untracked. Derived from inserts, frees "
+                                      "and entries; under churn it errs low by the churn of one scrape.",
+                                      value=table.evictions)
 
 
 class StateCollector(Collector):
@@ -226,3 +238,24 @@ class AnomalyCollector(Collector):
             for result in ("sent", "failed", "dropped"):
                 hook.add_metric([result], getattr(self._webhook, result))
             yield hook
+
+
+class ReloadCollector(Collector):
+    """Config reloads on SIGHUP, named as Prometheus names its own. stats() -> dict with success and
+    failure (counts), last_ok (bool) and last_success (Unix seconds of the last good load)."""
+
+    def __init__(self, stats: Callable[[], dict]):
+        self._stats = stats
+
+    def collect(self):
+        st = self._stats()
+        yield GaugeMetricFamily("tcpstate_config_last_reload_successful",
+                                "1 if the last config load (at start or on SIGHUP) succeeded.",
+                                value=1 if st["last_ok"] else 0)
+        yield GaugeMetricFamily("tcpstate_config_last_reload_success_timestamp_seconds",
+                                "When the config in use was loaded.", value=st["last_success"])
+        reloads = CounterMetricFamily("tcpstate_config_reloads", "Config reloads on SIGHUP, by result; a failed "
+                                      "one keeps the previous config.", labels=["result"])
+        for result in ("success", "failure"):
+            reloads.add_metric([result], st[result])
+        yield reloads

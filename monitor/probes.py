@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import NamedTuple
 
-from .aggregator import RawCounters
+from .aggregator import RawCounters, SocketTable
 from .config import DEFAULT_MAX_OFFENDERS, DEFAULT_MAX_SOCKETS, DEFAULT_RECENT_CLOSES, Filters
 from .events import C, Offender, OffenderKey, bpf_dir
 from .tracefs import TRACEPOINTS, Layout
@@ -102,6 +102,7 @@ class Probes:
         self._ncpus = 0
         self._buffers: dict = {}
         self._lock = threading.Lock()
+        self._evictions = 0  # the highest derived so far: a counter must not go back
 
     def cflags(self) -> list[str]:
         flags = [f"-I{bpf_dir()}", f"-DTCPSTATE_MAX_SOCKS={self.max_sockets}",
@@ -219,6 +220,48 @@ class Probes:
                 raise ProbeError("probes are not attached")
             return RawCounters(*(self._read_percpu(name) for name in self.COUNTER_MAPS))
 
+    _COUNT_CHUNK = 4096  # entries per batch call: bounds the buffers whatever --max-sockets is
+
+    def _count_entries(self, name: str) -> int:
+        """Entries in a hash map now, by batch lookups (the kernel keeps no count it will tell)."""
+        from bcc.libbcc import lib
+
+        table = self.bpf[name.encode()]
+        bufs = self._buffers.get(name)
+        if bufs is None:
+            n = self._COUNT_CHUNK
+            bufs = ((ctypes.c_char * (ctypes.sizeof(table.Key) * n))(),
+                    (ctypes.c_char * (ctypes.sizeof(table.Leaf) * n))())
+            self._buffers[name] = bufs
+        keys, values = bufs
+        token, count, total = ctypes.c_uint32(0), ctypes.c_uint32(0), 0
+        for call in range(table.max_entries // self._COUNT_CHUNK + 64):  # a bound: buckets can refill meanwhile
+            count.value = self._COUNT_CHUNK
+            res = lib.bpf_lookup_batch(table.map_fd, ctypes.byref(token) if call else None, ctypes.byref(token),
+                                       keys, values, ctypes.byref(count))
+            err = ctypes.get_errno() if res != 0 else 0
+            total += count.value
+            if err == errno.ENOENT:  # the last bucket was read
+                return total
+            if err:
+                raise OSError(err, f"reading map {name}: {os.strerror(err)}")
+        return total
+
+    def socket_table(self) -> SocketTable:
+        """The kernel says nothing when an LRU map evicts, so evictions are derived: entries
+        inserted, minus those freed when their socket was destroyed, minus those still in the table.
+        The counts are read before and after the entries (inserted before, freed after), so the
+        result errs low by at most the churn of one read; it is kept monotonic."""
+        inserted, freed = C["TCPSTATE_STAT_SOCK_INSERTED"], C["TCPSTATE_STAT_SOCK_FREED"]
+        with self._lock:
+            if self.bpf is None:
+                raise ProbeError("probes are not attached")
+            before = self._read_percpu("stats")
+            entries = self._count_entries("socks")
+            after = self._read_percpu("stats")
+            self._evictions = max(self._evictions, before[inserted] - after[freed] - entries)
+            return SocketTable(self.max_sockets, entries, self._evictions)
+
     def read_offenders(self) -> list[Offender]:
         """Every entry of the offenders table (empty when it is off). Bounded by its size; read
         only when an anomaly event is written, never per scrape."""
@@ -281,6 +324,14 @@ class Probes:
 
     def poll_events(self, timeout_ms: int) -> None:
         self.bpf.ring_buffer_poll(timeout_ms)
+
+    def drain_events(self) -> None:
+        """Stop the programs (the maps stay readable) and hand every record left in the ring
+        buffer to the callback: with producers still running, the drain might never end."""
+        with self._lock:
+            for tp in list(self.bpf.tracepoint_fds):
+                self.bpf.detach_tracepoint(tp)
+        self.bpf.ring_buffer_consume()
 
     def close(self) -> None:
         with self._lock:

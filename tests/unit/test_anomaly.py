@@ -283,6 +283,71 @@ def test_engine_counts_unreadable():
     assert eng.tick() == []
 
 
+def firing_engine(config):
+    """An engine on a real config whose rst_storm fires at once: 100 resets/s against rate 10."""
+    got, clock = [], [T0]
+    total = [0]
+
+    def read():
+        total[0] += 100
+        return counts(sent=total[0])
+
+    eng = Engine(anomaly.build(config), read, lambda: {}, [got.append], 1.0, clock=lambda: clock[0])
+    for _ in range(3):
+        eng.tick()
+        clock[0] += 1
+    assert eng.active()["rst_storm"] and [e.status for e in got] == ["firing"]
+    return eng, got, clock
+
+
+def test_reload_keeps_the_state_of_unchanged_detectors():
+    base = load_detector_config(overrides=("rst_storm.rate=10", "rst_storm.baseline_factor=0"))
+    eng, got, _ = firing_engine(base)
+    kept = {d.kind: d for d in eng.detectors}
+    changed = eng.reconfigure(load_detector_config(overrides=("rst_storm.rate=10", "rst_storm.baseline_factor=0",
+                                                              "connect_failures.rate=99")))
+    assert changed == ["connect_failures"]
+    assert eng.active()["rst_storm"] and got[1:] == []  # still firing: no event, same object
+    assert next(d for d in eng.detectors if d.kind == "rst_storm") is kept["rst_storm"]
+    assert next(d for d in eng.detectors if d.kind == "connect_failures").cfg["rate"] == 99
+
+
+def test_reload_resolves_a_firing_detector_it_replaces_and_keeps_its_count():
+    base = load_detector_config(overrides=("rst_storm.rate=10", "rst_storm.baseline_factor=0"))
+    eng, got, clock = firing_engine(base)
+    changed = eng.reconfigure(load_detector_config(overrides=("rst_storm.rate=1000", "rst_storm.baseline_factor=0",
+                                                              "anomaly.top_offenders=2")))
+    assert changed == ["rst_storm", "anomaly"] and eng.top_offenders == 2
+    ended = got[1]
+    assert (ended.kind, ended.status, ended.details["reason"]) == ("rst_storm", "resolved", "config_reconfigured")
+    assert eng.active()["rst_storm"] is False
+    assert eng.fired()["rst_storm"] == 1  # a counter: the replaced detector's firing stays counted
+    eng.tick()  # 100/s is under the new rate: no new firing
+    assert got[2:] == [] and eng.fired()["rst_storm"] == 1
+
+
+def test_a_reloaded_detector_keeps_the_counts_seen_so_far():
+    """A burst between a reload and the next tick still counts: the window is carried over."""
+    series = iter([counts(sent=0), counts(sent=500)])
+    clock = [T0]
+    got = []
+    quiet = load_detector_config(overrides=("rst_storm.rate=100000", "rst_storm.baseline_factor=0"))
+    eng = Engine(anomaly.build(quiet), lambda: next(series), lambda: {}, [got.append], 1.0, clock=lambda: clock[0])
+    eng.tick()
+    eng.reconfigure(load_detector_config(overrides=("rst_storm.rate=5", "rst_storm.baseline_factor=0")))
+    clock[0] += 1
+    eng.tick()
+    assert [(e.kind, e.status) for e in got] == [("rst_storm", "firing")]
+
+
+def test_reload_that_disables_a_firing_detector_ends_it():
+    base = load_detector_config(overrides=("rst_storm.rate=10", "rst_storm.baseline_factor=0"))
+    eng, got, _ = firing_engine(base)
+    eng.reconfigure(load_detector_config(overrides=("rst_storm.enabled=false",)))
+    assert got[1].details["reason"] == "config_disabled"
+    assert "rst_storm" not in eng.active() and eng.fired()["rst_storm"] == 1
+
+
 def test_build_honours_enabled():
     c = load_detector_config(overrides=("rst_storm.enabled=false",))
     assert [d.kind for d in anomaly.build(c)] == ["time_wait_buildup", "connect_failures", "port_reuse",

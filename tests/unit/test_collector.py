@@ -6,7 +6,7 @@ import subprocess
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from monitor.aggregator import RawCounters, aggregate, empty_raw
+from monitor.aggregator import RawCounters, SocketTable, aggregate, empty_raw
 from monitor.collector import TcpstateCollector
 from monitor.events import C
 from monitor.states import NUMBERS
@@ -54,7 +54,7 @@ PROGRAMS = {"sock:inet_sock_set_state": (2_500_000_000, 100, 3), "tcp:tcp_send_r
 
 
 def recorded_counts():
-    return aggregate(recorded(), REASONS, PROGRAMS)
+    return aggregate(recorded(), REASONS, PROGRAMS, SocketTable(capacity=65536, entries=1200, evictions=7))
 
 
 def registry_for(counts):
@@ -105,6 +105,13 @@ def test_sample_values():
     assert v("tcpstate_connection_duration_seconds_count") == 3
     assert v("tcpstate_probe_attached", {"tracepoint": "tcp:tcp_receive_reset"}) == 0
     assert v("tcpstate_untracked_transitions_total") == 5
+    assert v("tcpstate_socket_table_entries") == 1200
+    assert v("tcpstate_socket_table_evictions_total") == 7
+
+
+def test_no_socket_table_metrics_without_a_reading():
+    text = generate_latest(registry_for(aggregate(recorded(), REASONS))).decode()
+    assert "tcpstate_socket_table" not in text
 
 
 EXPECTED_HEAD = """\
@@ -180,6 +187,15 @@ tcpstate_probe_runs_total{tracepoint="tcp:tcp_send_reset"} 0.0
 # HELP tcpstate_untracked_transitions_total Transitions of sockets not in the socket table (opened before tcpstate started, or evicted); their durations are not observed.
 # TYPE tcpstate_untracked_transitions_total counter
 tcpstate_untracked_transitions_total 5.0
+# HELP tcpstate_socket_table_capacity Sockets the in-kernel per-socket table holds (--max-sockets).
+# TYPE tcpstate_socket_table_capacity gauge
+tcpstate_socket_table_capacity 65536.0
+# HELP tcpstate_socket_table_entries Sockets in the per-socket table now.
+# TYPE tcpstate_socket_table_entries gauge
+tcpstate_socket_table_entries 1200.0
+# HELP tcpstate_socket_table_evictions_total Sockets pushed out of the full per-socket table (LRU) while still open; their later transitions count as untracked. Derived from inserts, frees and entries; under churn it errs low by the churn of one scrape.
+# TYPE tcpstate_socket_table_evictions_total counter
+tcpstate_socket_table_evictions_total 7.0
 """
 
 
