@@ -180,7 +180,8 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
     """Run the daemon: attach the tracepoints and serve /metrics.
 
     Serves / (a landing page), /metrics, /-/healthy, and /-/ready (200 once every
-    available probe is attached). SIGTERM or SIGINT detaches everything and exits 0.
+    available probe is attached). SIGTERM or SIGINT detaches everything and exits 0;
+    SIGHUP re-reads --config (a file that does not load keeps the config in use).
     Once attached, the daemon drops every capability it no longer needs (and becomes
     --user if given) and, under systemd (Type=notify), reports ready.
     Socket counts by state, TIME_WAIT by port and the port-exhaustion forecast come
