@@ -7,6 +7,7 @@ import os
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,15 @@ def require_root():
 @pytest.fixture(scope="session")
 def layout():
     return detect_layout(ensure_tracefs())
+
+
+@pytest.fixture(scope="session")
+def churn(tmp_path_factory):
+    """tests/load/churn.c, built for this run: the load generator of the churn, storm and watch tests."""
+    exe = tmp_path_factory.mktemp("churn") / "churn"
+    src = Path(__file__).resolve().parent.parent / "load" / "churn.c"
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(exe), str(src)], check=True)
+    return str(exe)
 
 
 @pytest.fixture(scope="session")

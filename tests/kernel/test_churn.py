@@ -1,20 +1,10 @@
 """Counts stay exact at full churn: every connection the load generator made is counted, no more."""
 
 import subprocess
-from pathlib import Path
 
-import pytest
+from . import traffic
 
-
-SRC = Path(__file__).resolve().parent.parent / "load" / "churn.c"
 SECONDS = 3
-
-
-@pytest.fixture(scope="module")
-def churn(tmp_path_factory):
-    exe = tmp_path_factory.mktemp("churn") / "churn"
-    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(exe), str(SRC)], check=True)
-    return str(exe)
 
 
 def test_exact_at_full_churn(netns, meter, churn):
@@ -31,10 +21,7 @@ def test_exact_at_full_churn(netns, meter, churn):
         made, failed = int(fields["made"]), int(fields["failed"])
         assert made > 10000, out  # a real churn, not a trickle
         assert failed == 0, out
-        per_conn = [("CLOSE", "SYN_SENT"), ("SYN_SENT", "ESTABLISHED"), ("ESTABLISHED", "FIN_WAIT1"),
-                    ("FIN_WAIT1", "FIN_WAIT2"), ("FIN_WAIT2", "TIME_WAIT"), ("LISTEN", "SYN_RECV"),
-                    ("SYN_RECV", "ESTABLISHED"), ("ESTABLISHED", "CLOSE_WAIT"), ("CLOSE_WAIT", "LAST_ACK"),
-                    ("LAST_ACK", "CLOSE")]
+        per_conn = traffic.CHURN_TRANSITIONS
         expected = {t: made for t in per_conn}
         expected[("CLOSE", "LISTEN")] = 1
         # The server may still hold queued connections: let it drain before stopping it,

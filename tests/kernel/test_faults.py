@@ -3,77 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from . import traffic
-from .test_daemon import TCPSTATE, free_port, get, samples, wait_ready
-
-TEST_CIDR = "198.18.0.0/15"
-
-
-class Daemon:
-    """`tcpstate run` counting only the test network, its log in a file (a pipe could fill and block it)."""
-
-    def __init__(self, tmp_path: Path, *args: str):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp_path / f"daemon-{self.port}.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([TCPSTATE, "run", "--listen-address", f"127.0.0.1:{self.port}",
-                                      "--include-cidr", TEST_CIDR, *args], stdout=subprocess.DEVNULL,
-                                     stderr=self._log, text=True)
-
-    def __enter__(self):
-        try:
-            wait_ready(self.base, _LogProc(self.proc, self.log_path))
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def metrics(self) -> dict:
-        status, text = get(self.base + "/metrics")
-        assert status == 200, text
-        return samples(text)
-
-
-class _LogProc:
-    """What wait_ready needs of a process: poll(), and stderr to read when it died."""
-
-    def __init__(self, proc, log_path):
-        self._proc = proc
-        self.stderr = self
-        self._path = log_path
-
-    def poll(self):
-        return self._proc.poll()
-
-    def read(self):
-        return self._path.read_text()
+from .daemon import TEST_CIDR, Daemon
+from .test_daemon import TCPSTATE
 
 
 def value(s: dict, name: str, **labels) -> float:
@@ -236,19 +174,8 @@ def test_sighup_without_a_config_file_changes_nothing(netns, tmp_path):
 
 # --- watch under full churn ----------------------------------------------------------------------
 
-CHURN_SRC = Path(__file__).resolve().parent.parent / "load" / "churn.c"
 CHURN_SECONDS = 3
-PER_CONNECTION = [("CLOSE", "SYN_SENT"), ("SYN_SENT", "ESTABLISHED"), ("ESTABLISHED", "FIN_WAIT1"),
-                  ("FIN_WAIT1", "FIN_WAIT2"), ("FIN_WAIT2", "TIME_WAIT"), ("LISTEN", "SYN_RECV"),
-                  ("SYN_RECV", "ESTABLISHED"), ("ESTABLISHED", "CLOSE_WAIT"), ("CLOSE_WAIT", "LAST_ACK"),
-                  ("LAST_ACK", "CLOSE")]
-
-
-@pytest.fixture(scope="module")
-def churn(tmp_path_factory):
-    exe = tmp_path_factory.mktemp("churn") / "churn"
-    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(exe), str(CHURN_SRC)], check=True)
-    return str(exe)
+PER_CONNECTION = traffic.CHURN_TRANSITIONS
 
 
 def counted_events(s: dict) -> float:

@@ -10,79 +10,21 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import traffic
-from .test_daemon import TCPSTATE, free_port, get, samples
+from .daemon import Daemon
+from .test_daemon import get, samples
 
-SRC = Path(__file__).resolve().parent.parent / "load" / "churn.c"
 BPFTOOL = "/usr/sbin/bpftool"
 TRACEPOINTS = ("sock:inet_sock_set_state", "tcp:tcp_send_reset", "tcp:tcp_receive_reset",
                "sock:inet_sk_error_report", "tcp:tcp_destroy_sock")
 # A client that closes first: 5 transitions on each end (KERNEL-NOTES; the daemon names
 # FIN_WAIT2->CLOSE into TIME_WAIT as FIN_WAIT2->TIME_WAIT).
-PER_CONN = [("CLOSE", "SYN_SENT"), ("SYN_SENT", "ESTABLISHED"), ("ESTABLISHED", "FIN_WAIT1"),
-            ("FIN_WAIT1", "FIN_WAIT2"), ("FIN_WAIT2", "TIME_WAIT"), ("LISTEN", "SYN_RECV"),
-            ("SYN_RECV", "ESTABLISHED"), ("ESTABLISHED", "CLOSE_WAIT"), ("CLOSE_WAIT", "LAST_ACK"),
-            ("LAST_ACK", "CLOSE")]
+PER_CONN = traffic.CHURN_TRANSITIONS
 # The kernel sometimes loses a run it does not count as a miss (test_churn saw up to 0.023%):
 # the unexplained shortfall may be this fraction of the events, never an excess.
 UNEXPLAINED = 0.001
-
-
-@pytest.fixture(scope="module")
-def churn(tmp_path_factory):
-    exe = tmp_path_factory.mktemp("churn") / "churn"
-    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(exe), str(SRC)], check=True)
-    return str(exe)
-
-
-class Daemon:
-    """`tcpstate run` on a free loopback port, counting only the test network; stderr to a file
-    so that nothing the daemon logs under load can fill a pipe and stall it."""
-
-    def __init__(self, tmp: Path, *extra: str):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.err_path = tmp / f"daemon-{self.port}.stderr"
-        with open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([TCPSTATE, "run", "--listen-address", f"127.0.0.1:{self.port}",
-                                         "--include-cidr", "198.18.0.0/15", *extra],
-                                        stdout=subprocess.DEVNULL, stderr=err)
-        self.pid = self.proc.pid
-
-    def stderr(self) -> str:
-        return self.err_path.read_text()
-
-    def wait_ready(self, timeout: float = 60) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}: {self.stderr()}"
-            try:
-                if get(self.base + "/-/ready")[0] == 200:
-                    return time.monotonic() - t0
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"tcpstate run never became ready: {self.stderr()}")
-
-    def metrics(self) -> dict:
-        status, body = get(self.base + "/metrics")
-        assert status == 200, body
-        return samples(body)
-
-    def stop(self) -> int:
-        """SIGTERM; a daemon that ignores it for 10 s is killed, and that is a failure."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-                raise AssertionError("daemon ignored SIGTERM for 10 s")
-        return self.proc.returncode
 
 
 def stop_process(proc: subprocess.Popen) -> None:
@@ -162,7 +104,7 @@ def test_reset_storm_at_full_rate(netns, churn, tmp_path):
         next_rss = t0
         while client.poll() is None:
             assert time.monotonic() - t0 < STORM_SECONDS + 15, "churn client overran its time"
-            assert d.proc.poll() is None, f"daemon died in the storm: {d.stderr()}"
+            assert d.proc.poll() is None, f"daemon died in the storm: {d.log()}"
             now = time.monotonic()
             if now >= next_rss:
                 rss.append((round(now - t0, 1), rss_kb(d.pid)))
@@ -188,13 +130,13 @@ def test_reset_storm_at_full_rate(netns, churn, tmp_path):
                 e["kind"] == "rst_storm" and e["status"] == "resolved" for _, e in events):
             time.sleep(0.1)
             read_events(events_path, events)
-        assert d.proc.poll() is None, f"daemon died after the storm: {d.stderr()}"
+        assert d.proc.poll() is None, f"daemon died after the storm: {d.log()}"
         rss_after = rss_kb(d.pid)
     finally:
         if client is not None:
             stop_process(client)
         rc = d.stop()
-    assert rc == 0, d.stderr()
+    assert rc == 0, d.log()
 
     lat = [s for _, s in scrapes]
     storm = [(round(t - t0, 1), e["status"]) for t, e in events if e["kind"] == "rst_storm"]
@@ -345,7 +287,7 @@ def test_concurrent_scrapes_during_churn(netns, churn, tmp_path):
                 for k, v in values.items():
                     highest[k] = max(v, highest.get(k, v))
             floor.update(highest)
-            assert d.proc.poll() is None, d.stderr()
+            assert d.proc.poll() is None, d.log()
         out, err = client.communicate(timeout=CHURN_SECONDS + 30)
         assert client.returncode == 0, err
         result = churn_result(out)
@@ -373,7 +315,7 @@ def test_concurrent_scrapes_during_churn(netns, churn, tmp_path):
             if p is not None:
                 stop_process(p)
         rc = d.stop()
-    assert rc == 0, d.stderr()
+    assert rc == 0, d.log()
     lat = sorted(latencies)
     print(f"\nscrapes: churn {out.strip()}; rounds of {SCRAPERS} concurrent scrapes released at "
           f"{[round(t, 1) for t in released]} s; latency median {statistics.median(lat) * 1000:.0f} ms, "
@@ -490,7 +432,7 @@ def test_sigkill_leaves_nothing_and_restart_is_clean(netns, tmp_path):
                for k, v in deltas_of(after, before, "tcpstate_transitions_total").items()}
     finally:
         rc = second.stop()
-    err = second.stderr()
+    err = second.log()
     print(f"kill: restart ready in {ready_in:.2f} s, stopped with {rc}")
     assert rc == 0, err
     assert "ERROR" not in err and "Traceback" not in err, err

@@ -8,6 +8,14 @@ import struct
 from .netns import socket_in
 
 
+# A connection whose client closes first, as tests/load/churn.c makes them: 5 transitions on each end
+# (FIN_WAIT2->CLOSE into TIME_WAIT is counted as FIN_WAIT2->TIME_WAIT).
+CHURN_TRANSITIONS = (("CLOSE", "SYN_SENT"), ("SYN_SENT", "ESTABLISHED"), ("ESTABLISHED", "FIN_WAIT1"),
+                     ("FIN_WAIT1", "FIN_WAIT2"), ("FIN_WAIT2", "TIME_WAIT"), ("LISTEN", "SYN_RECV"),
+                     ("SYN_RECV", "ESTABLISHED"), ("ESTABLISHED", "CLOSE_WAIT"), ("CLOSE_WAIT", "LAST_ACK"),
+                     ("LAST_ACK", "CLOSE"))
+
+
 class Listener:
     """A listening socket in a namespace; closing it is the test's LISTEN->CLOSE."""
 
