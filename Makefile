@@ -40,7 +40,7 @@ kernel: setup
 	$(VENV)/bin/python -m pytest -ra tests/kernel
 
 # Short-connection churn with no monitor, tcpstate run and bcc's tcpstates: BENCHMARKS.md and
-# BENCHMARKS.png (root; namespaces; about 7 minutes; BENCH_ARGS="--rounds 2" etc., --help lists them).
+# BENCHMARKS.png (root; namespaces; about 10 minutes; BENCH_ARGS="--rounds 2" etc., --help lists them).
 BENCH_ARGS ?=
 bench: setup
 	$(VENV)/bin/python tests/load/bench.py $(BENCH_ARGS)

@@ -5,13 +5,15 @@ Run as root with the project's virtualenv: `sudo make bench` (BENCH_ARGS="--roun
 Each round, under the kernel lock (/tmp/tcpstate-kernel.lock, taken and released per round so a
 long bench does not starve the tests), makes a client and a server network namespace joined by a
 veth pair (198.18.100.1 -> 198.18.100.2), then runs the same load, bounded in time, with:
-  none       no monitor (the baseline);
+  none       no monitor (the baseline), before each monitor;
   tcpstate   `tcpstate run` with default flags, attached once for the round: full churn with no
              scrapes (throughput, CPU, RSS, ns/event), the same with kernel.bpf_stats_enabled=0
              (throughput without the kernel's own run-time accounting, as a host runs it), full
              churn with /metrics scraped 10 times a second (scrape latency; its CPU includes
              serving those scrapes), then fixed rates;
-  tcpstates  bcc's tcpstates-bpfcc (one perf event per transition, decoded in Python), the same.
+  tcpstates  bcc's tcpstates-bpfcc (one perf event per transition, decoded in Python), the same;
+  floor      a program that only increments a per-CPU counter per transition: what any
+             tracepoint program costs here, for reference.
 Configurations alternate within each round and the report takes medians over rounds: this VM is
 noisy and other sessions share its 2 cores.
 
@@ -236,7 +238,11 @@ def summarize(windows: list) -> dict:
     groups: dict = {}
     for w in windows:
         groups.setdefault((w["config"], w["target_rate"]), []).append(w)
-    base = {w["round"]: w["rate"] for w in windows if w["config"] == "none" and w["target_rate"] == 0}
+    nones: dict = {}
+    for w in windows:
+        if w["config"] == "none" and w["target_rate"] == 0:
+            nones.setdefault(w["round"], []).append(w["rate"])
+    base = {r: statistics.mean(v) for r, v in nones.items()}
     out = {}
     for (config, target), ws in groups.items():
         ratios = [w["rate"] / base[w["round"]] for w in ws if base.get(w["round"])]
@@ -365,13 +371,16 @@ def render_markdown(summary: dict, machine: dict, command: str, date: str, raw: 
          f"**Load:** {raw['params']['load']}", "",
          "## Full churn", "",
          f"Median over {raw['params']['rounds']} rounds of {raw['params']['seconds']:g} s each "
-         "(ratio: median of each round's ratio to that round's no-monitor run). Counts and losses are "
+         "(ratio: median of each round's ratio to the mean of that round's no-monitor runs, one before "
+         "each monitor). Counts and losses are "
          "sums over the rounds; peak RSS is the worst round. Counted: connections the monitor saw open "
          "(SYN_SENT->ESTABLISHED; exact: that and SYN_RECV->ESTABLISHED both equal the connections made). "
          "Transitions missing: 10 per connection expected (for tcpstate only in windows with no other "
          "connection on the host). Lost: for tcpstate the probe runs the "
          "kernel skipped (`tcpstate_probe_misses_total`; it has no event stream to lose), for "
-         "tcpstates the perf samples bcc reported lost. CPU: user+system time of all the monitor's "
+         "tcpstates the perf samples bcc reported lost (the kernel reports a loss with the next sample that "
+         "gets through, so some of a window's show up in the next one; its transitions missing are exact "
+         "per window). CPU: user+system time of all the monitor's "
          "threads over the load, % of one core. Events/conn: runs of the monitor's BPF programs per "
          "connection made. Resets: what the kernel counted as sent in the two namespaces (the load "
          "itself should make next to none). Background: other processes' CPU during the load "
@@ -398,14 +407,14 @@ def render_markdown(summary: dict, machine: dict, command: str, date: str, raw: 
               f"The paced client at each rate for {raw['params']['rate_seconds']:g} s, median over rounds: "
               "how the monitor's CPU grows with the load.", "",
               "| configuration | target conn/s | achieved conn/s | CPU % | ns/event in kernel | lost | "
-              "made | counted |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "made | counted | transitions missing |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for c in ("tcpstate", "tcpstates"):
             for r in rates:
                 s = summary.get(f"{c}@{r}")
                 if s:
                     L.append(f"| {LABELS[c]} | {r} | {_fmt(s['rate'])} | {_fmt(s['cpu'], '.2f')} | "
                              f"{_fmt(s['ns_per_event'])} | {_fmt(s.get('lost'), 'd')} | {s['made']} | "
-                             f"{_fmt(s.get('counted'), 'd')} |")
+                             f"{_fmt(s.get('counted'), 'd')} | {_fmt(s.get('transitions_missing'), 'd')} |")
     scr = (summary.get("tcpstate+scrapes@0") or {}).get("scrape")
     if scr:
         L += ["", "## /metrics scrape latency under full churn", "",
@@ -827,8 +836,9 @@ def run_round(rnd: int, churn: str, workdir: str, opts: dict, windows: list, sta
     tag = f"{os.getpid()}-{rnd}"
     with Pair(tag) as pair:
         b = Bench(churn, pair, rnd, opts, windows)
-        b.window("none", None)
         for kind in opts["monitors"]:
+            # A baseline before each monitor: throughput drifts within a round as well as between rounds.
+            b.window("none", None)
             with bpf_stats():
                 mon = Monitor(kind, workdir, opts["metrics_port"])
                 try:
@@ -890,7 +900,7 @@ def machine_info() -> dict:
               help="Rounds; each runs every configuration once, and the report takes medians.")
 @click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(1, 120),
               help="Length of each full-churn window.")
-@click.option("--rate-seconds", default=8.0, show_default=True, type=click.FloatRange(1, 120),
+@click.option("--rate-seconds", default=6.0, show_default=True, type=click.FloatRange(1, 120),
               help="Length of each fixed-rate window.")
 @click.option("--rates", default="1000,10000", show_default=True,
               help="Fixed rates in connections/s, comma-separated ('' for none).")

@@ -353,3 +353,13 @@ def test_throughput_judged_without_bpf_stats_when_measured():
     assert "| tcpstate run, bpf_stats off | 39000 | 0.975 | 390000 | 390000 | 1 of 1 |" in md
     # The floor program counts nothing the bench reads back, and its process is not a monitor's.
     assert "| floor: a counter increment | 39500 | 0.988 | 395000 | - | - | - | - | - | - | - | 64 | 10.0 | 5 |" in md
+
+
+def test_ratio_against_the_mean_of_the_rounds_baselines():
+    ws = [window(1, "none", 40000, 400000), window(1, "tcpstate", 34200, 342000, cpu=1.0),
+          window(1, "none", 36000, 360000), window(1, "tcpstates", 19000, 190000, cpu=40.0)]
+    s = bench.summarize(ws)
+    assert s["tcpstate@0"]["ratio"] == pytest.approx(34200 / 38000)
+    assert s["tcpstates@0"]["ratio"] == pytest.approx(19000 / 38000)
+    assert s["none@0"]["ratio"] == pytest.approx(1.0)  # median of 40/38 and 36/38
+    assert s["none@0"]["made"] == 760000 and s["none@0"]["rounds"] == 2
