@@ -125,6 +125,7 @@ def test_series_stay_bounded_and_carry_no_client_address(setup):
         "le": None, "quantile": None,  # histogram buckets: fixed by the code
         "version": None, "kernel": None, "bcc_version": None, "send_reset_layout": None,  # build_info: one series
         "reason": None,  # the kernel's sk_rst_reason names, or the four connect-failure reasons
+        "result": {"success", "failure", "sent", "failed", "dropped"},  # config reloads, webhook deliveries
     }
     capped = {"port", "remote"}
     per_group = defaultdict(set)
