@@ -937,6 +937,7 @@ def main(rounds, seconds, rate_seconds, rates, monitors, client_threads, server_
     windows: list = []
     startups: list = []
     started = dt.datetime.now(dt.timezone.utc)
+    machine = machine_info()  # the tree the monitors are started from, not what it became meanwhile
     with tempfile.TemporaryDirectory(prefix="tcpstate-bench-") as workdir:
         churn = os.path.join(workdir, "churn")
         sh("gcc", "-O2", "-pthread", "-o", churn, str(ROOT / "tests/load/churn.c"))
@@ -957,7 +958,10 @@ def main(rounds, seconds, rate_seconds, rates, monitors, client_threads, server_
            "startups": startups, "windows": windows, "summary": summary}
     old = Path(output).read_text() if Path(output).exists() else None
     command = "sudo make bench" + (f' BENCH_ARGS="{" ".join(sys.argv[1:])}"' if sys.argv[1:] else "")
-    md = render_markdown(summary, machine_info(), command, started.strftime("%Y-%m-%d %H:%M UTC"), raw,
+    commit_after = machine_info().get("commit")
+    if commit_after != machine.get("commit"):
+        machine["commit"] = f"{machine.get('commit')} at the start, {commit_after} at the end"
+    md = render_markdown(summary, machine, command, started.strftime("%Y-%m-%d %H:%M UTC"), raw,
                          kept_analysis(old))
     Path(output).write_text(md)
     png = str(Path(output).with_suffix(".png"))
