@@ -363,3 +363,16 @@ def test_ratio_against_the_mean_of_the_rounds_baselines():
     assert s["tcpstates@0"]["ratio"] == pytest.approx(19000 / 38000)
     assert s["none@0"]["ratio"] == pytest.approx(1.0)  # median of 40/38 and 36/38
     assert s["none@0"]["made"] == 760000 and s["none@0"]["rounds"] == 2
+
+
+def test_render_only_rewrites_the_same_report_from_its_raw_results(tmp_path):
+    summary = bench.summarize(WINDOWS)
+    raw = {"params": {"rounds": 2, "seconds": 10.0, "rate_seconds": 6.0, "load": "churn over veth"},
+           "windows": WINDOWS, "summary": summary}
+    machine = {"cpu": "AMD EPYC", "cores": 2, "kernel": "6.18.44-fc-v669", "bcc": "0.26.0+ds-1", "commit": "abc1234"}
+    md = bench.render_markdown(summary, machine, "sudo make bench", "2025-11-21 23:00 UTC", raw, "\nkept\n")
+    out = tmp_path / "B.md"
+    out.write_text(md)
+    bench.rerender(str(out))
+    assert out.read_text() == md
+    assert (tmp_path / "B.png").read_bytes()[:4] == b"\x89PNG"
