@@ -583,6 +583,18 @@ def cpu_ticks(pid: int) -> int:
     return stat_cpu_ticks(read(f"/proc/{pid}/stat"))
 
 
+def wait_quiet(pid: int, timeout: float, ticks: int) -> None:
+    """Until the process used at most `ticks` clock ticks of CPU in half a second, or timeout."""
+    deadline = time.monotonic() + timeout
+    last = cpu_ticks(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = cpu_ticks(pid)
+        if now - last <= ticks:
+            return
+        last = now
+
+
 def all_cpu_ticks() -> dict:
     """utime+stime of every user-space process (kernel threads left out), for the background load."""
     out = {}
@@ -707,14 +719,7 @@ class Monitor:
 
     def wait_idle(self, timeout: float = 15) -> None:
         """Until the monitor's start-up work (compile, giving memory back) is over (bounded)."""
-        deadline = time.monotonic() + timeout
-        last = cpu_ticks(self.proc.pid)
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            now = cpu_ticks(self.proc.pid)
-            if now - last <= 1:
-                return
-            last = now
+        wait_quiet(self.proc.pid, timeout, 1)
 
     def reset_peak(self) -> None:
         with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
@@ -827,14 +832,7 @@ class Bench:
     def settle(self, mon: Monitor) -> None:
         """Until the server has closed what the load opened and the monitor has caught up (bounded)."""
         time.sleep(1.0)
-        deadline = time.monotonic() + 15
-        last = cpu_ticks(mon.proc.pid)
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            now = cpu_ticks(mon.proc.pid)
-            if now - last <= 2:
-                return
-            last = now
+        wait_quiet(mon.proc.pid, 15, 2)
 
 
 def run_round(rnd: int, churn: str, workdir: str, opts: dict, windows: list, startups: list) -> None:

@@ -92,21 +92,28 @@ static void sleep_until(double t)
 		;
 }
 
+/* Waits for this thread's next start on the rate's schedule (if paced) and claims one connection
+ * of the budget; 0 once the time or the budget is spent. */
+static int next_connection(double start, long *started)
+{
+	if (rate_per_thread > 0) {
+		/* On a schedule, not after a gap: a late start does not push back the rest. */
+		double due = start + (*started)++ / rate_per_thread;
+		if (due >= deadline)
+			return 0;
+		if (due > now())
+			sleep_until(due);
+	}
+	return atomic_fetch_add(&claimed, 1) < max_conns;
+}
+
 static void *client(void *arg)
 {
 	double start = now();
 	long started = 0;
 	(void)arg;
 	while (now() < deadline) {
-		if (rate_per_thread > 0) {
-			/* On a schedule, not after a gap: a late start does not push back the rest. */
-			double due = start + started++ / rate_per_thread;
-			if (due >= deadline)
-				break;
-			if (due > now())
-				sleep_until(due);
-		}
-		if (atomic_fetch_add(&claimed, 1) >= max_conns)
+		if (!next_connection(start, &started))
 			break;
 		int fd = socket(addr.ss_family, SOCK_STREAM, 0);
 		if (fd < 0) {
@@ -138,14 +145,7 @@ static void *clean_client(void *arg)
 	(void)arg;
 	memset(ring, -1, sizeof(ring));
 	while (now() < deadline) {
-		if (rate_per_thread > 0) {
-			double due = start + started++ / rate_per_thread;
-			if (due >= deadline)
-				break;
-			if (due > now())
-				sleep_until(due);
-		}
-		if (atomic_fetch_add(&claimed, 1) >= max_conns)
+		if (!next_connection(start, &started))
 			break;
 		int fd = socket(addr.ss_family, SOCK_STREAM, 0);
 		if (fd < 0) {
