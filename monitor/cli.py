@@ -346,23 +346,23 @@ def _reload(path, settings, current: dict, engine, probes, reloads: dict) -> dic
     if path is None:
         log.info("SIGHUP: no --config file to reload; the thresholds stay as they are")
         return current
+    def failed(why) -> dict:
+        reloads["failure"] += 1
+        reloads["last_ok"] = False
+        log.error("config reload failed, keeping the previous config: %s", why)
+        return current
+
     overrides = tuple(x for item in settings for x in item.split())
     try:
         cfg = load_detector_config(path, overrides)
     except ConfigError as exc:
-        reloads["failure"] += 1
-        reloads["last_ok"] = False
-        log.error("config reload failed, keeping the previous config: %s", exc)
-        return current
+        return failed(exc)
     windows = (cfg["port_reuse"]["reuse_within_seconds"], cfg["reset_after_handshake"]["within_seconds"])
     try:
         if windows != (probes.reuse_window, probes.early_reset_within):
             probes.set_windows(*windows)
     except Exception as exc:  # noqa: BLE001 (bcc raises bare exceptions): keep what the kernel has
-        reloads["failure"] += 1
-        reloads["last_ok"] = False
-        log.error("config reload failed, keeping the previous config: cannot update the kernel's windows: %s", exc)
-        return current
+        return failed(f"cannot update the kernel's windows: {exc}")
     changed = engine.reconfigure(cfg)
     reloads["success"] += 1
     reloads["last_ok"] = True

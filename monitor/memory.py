@@ -5,11 +5,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import logging
 import re
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 MADV_DONTNEED = 4  # unmap now: a mapping of the file alone reads the same pages back from it if touched
 MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now; they fault back in if ever touched again
@@ -42,6 +39,11 @@ def rss_kb(status_text: str) -> int:
 
 
 def release_compiler_memory() -> str:
+    """After the program is loaded: return freed heap to the kernel (malloc_trim) and drop the
+    compiler libraries' pages from this process: mappings holding only file pages are unmapped
+    (MADV_DONTNEED; touched again, they read back from the file), the others are reclaimed
+    (MADV_PAGEOUT, Linux >= 5.4: never loses data; the pages the process wrote stay without
+    swap). Returns a line for the log; never raises."""
     try:
         return _release()
     except OSError as exc:  # /proc unreadable (an odd sandbox): keep running, say so
@@ -49,11 +51,6 @@ def release_compiler_memory() -> str:
 
 
 def _release() -> str:
-    """After the program is loaded: return freed heap to the kernel (malloc_trim) and drop the
-    compiler libraries' pages from this process: mappings holding only file pages are unmapped
-    (MADV_DONTNEED; touched again, they read back from the file), the others are reclaimed
-    (MADV_PAGEOUT, Linux >= 5.4: never loses data; the pages the process wrote stay without
-    swap). Returns a line for the log; never raises."""
     before = rss_kb(Path("/proc/self/status").read_text())
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     trimmed = False

@@ -107,6 +107,23 @@ static int next_connection(double start, long *started)
 	return atomic_fetch_add(&claimed, 1) < max_conns;
 }
 
+/* A socket connected to the server, counted as made; -1 (counted as failed) if that did not work. */
+static int connect_one(void)
+{
+	int fd = socket(addr.ss_family, SOCK_STREAM, 0);
+	if (fd < 0) {
+		atomic_fetch_add(&failed, 1);
+		return -1;
+	}
+	if (connect(fd, (struct sockaddr *)&addr, addr_len) != 0) {
+		atomic_fetch_add(&failed, 1);
+		close(fd);
+		return -1;
+	}
+	atomic_fetch_add(&made, 1);
+	return fd;
+}
+
 static void *client(void *arg)
 {
 	double start = now();
@@ -115,16 +132,9 @@ static void *client(void *arg)
 	while (now() < deadline) {
 		if (!next_connection(start, &started))
 			break;
-		int fd = socket(addr.ss_family, SOCK_STREAM, 0);
-		if (fd < 0) {
-			atomic_fetch_add(&failed, 1);
-			continue;
-		}
-		if (connect(fd, (struct sockaddr *)&addr, addr_len) == 0)
-			atomic_fetch_add(&made, 1);
-		else
-			atomic_fetch_add(&failed, 1);
-		close(fd);
+		int fd = connect_one();
+		if (fd >= 0)
+			close(fd);
 	}
 	return NULL;
 }
@@ -147,17 +157,9 @@ static void *clean_client(void *arg)
 	while (now() < deadline) {
 		if (!next_connection(start, &started))
 			break;
-		int fd = socket(addr.ss_family, SOCK_STREAM, 0);
-		if (fd < 0) {
-			atomic_fetch_add(&failed, 1);
+		int fd = connect_one();
+		if (fd < 0)
 			continue;
-		}
-		if (connect(fd, (struct sockaddr *)&addr, addr_len) != 0) {
-			atomic_fetch_add(&failed, 1);
-			close(fd);
-			continue;
-		}
-		atomic_fetch_add(&made, 1);
 		shutdown(fd, SHUT_WR);
 		if (ring[head] >= 0) {
 			while (read(ring[head], buf, sizeof(buf)) > 0)
