@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +37,7 @@ LANDING = """<!doctype html>
 
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds any one read or write of the TLS handshake may stall
+PAUSE_GRACE = 2.0  # seconds pause() lets requests being answered finish before it cuts them
 REQUEST_TIMEOUT = 30.0  # seconds any one read or write of a request may stall
 # What Go's net/http answers on a TLS port to a plain-HTTP request (the toolkit's servers).
 PLAIN_HTTP_REFUSAL = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
@@ -113,7 +115,7 @@ class _Server(ThreadingHTTPServer):
     dual_stack = False
 
     def __init__(self, *args, **kwargs):
-        self._conns: set = set()  # connections being served, for drop_connections()
+        self._conns: set = set()  # connections being served, for end_connections()
         self._conns_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
@@ -133,16 +135,37 @@ class _Server(ThreadingHTTPServer):
         finally:
             self._track(remove=request)
 
-    def drop_connections(self) -> None:
-        """End every connection being served: its thread then ends at once, whatever the client
-        does (a client trickling bytes would otherwise hold it for as long as it likes)."""
+    def _shutdown_all(self, how: int) -> int:
         with self._conns_lock:
             conns = list(self._conns)
         for conn in conns:
             try:
-                conn.shutdown(socket.SHUT_RDWR)
+                conn.shutdown(how)
             except OSError:  # already closed
                 pass
+        return len(conns)
+
+    def end_connections(self, grace: float) -> None:
+        """End every connection being served, so that its thread ends too, whatever the client
+        does (a client trickling bytes would otherwise hold it for as long as it likes). The read
+        side goes first: a handler waiting for a request sees its end, one answering still writes
+        its whole response. What is left after grace seconds is cut."""
+        if not self._shutdown_all(socket.SHUT_RD):
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with self._conns_lock:
+                if not self._conns:
+                    return
+            time.sleep(0.01)
+        self._shutdown_all(socket.SHUT_RDWR)
+
+    def handle_error(self, request, client_address):
+        # A client that went away, or a connection pause() cut, is no error of ours.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            log.debug("%s: connection ended early: %s", client_address[0], sys.exc_info()[1])
+            return
+        super().handle_error(request, client_address)
 
     def server_bind(self):
         if self.dual_stack:  # ":PORT" serves IPv4 and IPv6, like node_exporter
@@ -251,11 +274,12 @@ class Exporter:
     def pause(self) -> None:
         """Stop accepting (the socket stays bound; new connections wait in its backlog) and end
         the connections being served, so that their threads end too: e.g. to drop privileges,
-        which needs the process to have one thread."""
+        which needs the process to have one thread. A request being answered gets its whole
+        response if it takes less than PAUSE_GRACE."""
         if self._server is not None:
             self._server.shutdown()
             self._thread.join()
-            self._server.drop_connections()
+            self._server.end_connections(PAUSE_GRACE)
 
     def resume(self) -> None:
         if self._server is not None and not self._thread.is_alive():

@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .test_daemon import TCPSTATE, free_port, get, samples
+from .test_daemon import NOT_READY, TCPSTATE, free_port, get, samples
 
 TEST_CIDR = "198.18.0.0/15"
 
@@ -48,7 +48,7 @@ class Daemon:
             try:
                 if get(self.base + "/-/ready")[0] == 200:
                     return time.monotonic() - t0
-            except OSError:
+            except NOT_READY:
                 pass
             time.sleep(0.1)
         raise AssertionError(f"tcpstate run never became ready: {self.log()}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_daemon import free_port, get
+from .test_daemon import NOT_READY, free_port, get
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = str(ROOT / "deploy" / "container" / "entrypoint.sh")
@@ -57,7 +57,7 @@ def serve(cmd: list[str], port: int, environ: dict) -> tuple[list[str], str]:
             try:
                 if get(base + "/-/ready")[0] == 200:
                     break
-            except OSError:
+            except NOT_READY:
                 pass
             time.sleep(0.1)
         status, metrics = get(base + "/metrics")

@@ -1,5 +1,6 @@
 """The installed commands as processes: `tcpstate run` scraped over HTTP, `watch`, `check`."""
 
+import http.client
 import json
 import os
 import shutil
@@ -18,6 +19,9 @@ from . import traffic
 from .netns import netns_path
 
 TCPSTATE = str(Path(sys.executable).parent / "tcpstate")
+# What a readiness poll may meet while the daemon starts: nothing listening yet, or a connection
+# ended before its answer was whole. Either means "not ready yet", as for a Kubernetes probe.
+NOT_READY = (OSError, http.client.HTTPException)
 
 
 def free_port() -> int:
@@ -53,7 +57,7 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
         try:
             if get(base + "/-/ready")[0] == 200:
                 return
-        except OSError:
+        except NOT_READY:
             pass
         time.sleep(0.1)
     raise AssertionError("tcpstate run never became ready")

@@ -15,7 +15,7 @@ from monitor import privileges
 
 from . import traffic
 from .netns import NetnsPair, netns_path
-from .test_daemon import TCPSTATE, free_port, get, samples, wait_ready
+from .test_daemon import NOT_READY, TCPSTATE, free_port, get, samples, wait_ready
 
 N = 10
 
@@ -204,7 +204,7 @@ def test_tls_and_basic_auth_keep_serving_after_the_drop_to_a_user(tmp_path):
             try:
                 if fetch("/-/ready", "s3cret")[0] == 200:
                     break
-            except OSError:
+            except NOT_READY:
                 pass
             time.sleep(0.2)
         status, body = fetch("/metrics", "s3cret")

@@ -1,14 +1,17 @@
 """The HTTP endpoints, served on an ephemeral port with a registry fed by recorded data."""
 
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import GaugeMetricFamily
 
 from monitor.config import ListenAddress
-from monitor.server import Exporter, ServerError
+from monitor.server import PAUSE_GRACE, Exporter, ServerError
 
 
 def get(url):
@@ -68,3 +71,72 @@ def test_port_in_use():
         exp = Exporter(ListenAddress("127.0.0.1", holder.getsockname()[1]), CollectorRegistry())
         with pytest.raises(ServerError, match="in use"):
             exp.start()
+
+
+class _SlowCollector:
+    """A scrape that waits until the test lets it finish."""
+
+    def __init__(self):
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def collect(self):
+        self.inside.set()
+        assert self.release.wait(10)
+        yield GaugeMetricFamily("tcpstate_test_slow", "A scrape that took its time.", value=1)
+
+
+def test_pause_lets_a_response_being_written_finish():
+    """pause() (before the privilege drop) used to cut every connection at once: a scrape or a
+    readiness probe being answered got half a response (IncompleteRead) and the daemon printed a
+    BrokenPipeError traceback. Now the request finishes whole and nothing is printed."""
+    slow = _SlowCollector()
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(slow)
+    exp = Exporter(ListenAddress("127.0.0.1", 0), reg)
+    exp.start()
+    try:
+        result = {}
+        client = threading.Thread(target=lambda: result.update(r=get(f"http://127.0.0.1:{exp.port}/metrics")))
+        client.start()
+        assert slow.inside.wait(5)
+        pausing = threading.Thread(target=exp.pause)
+        pausing.start()
+        deadline = time.monotonic() + 5
+        while exp._thread.is_alive() and time.monotonic() < deadline:  # accept loop stopped: the cut comes next
+            time.sleep(0.01)
+        time.sleep(0.2)
+        slow.release.set()
+        client.join(5)
+        pausing.join(5)
+        status, _, body = result["r"]
+        assert status == 200 and "tcpstate_test_slow 1.0" in body
+        exp.resume()
+        assert get(f"http://127.0.0.1:{exp.port}/-/healthy")[0] == 200
+    finally:
+        slow.release.set()
+        exp.stop()
+
+
+def _request_threads():
+    return [t for t in threading.enumerate() if "process_request" in t.name]
+
+
+def test_pause_ends_a_client_that_never_finishes_its_request(capsys):
+    exp = Exporter(ListenAddress("127.0.0.1", 0), CollectorRegistry())
+    exp.start()
+    try:
+        with socket.create_connection(("127.0.0.1", exp.port)) as trickler:
+            trickler.sendall(b"GET /metr")
+            time.sleep(0.2)  # its handler is reading
+            t0 = time.monotonic()
+            exp.pause()
+            assert time.monotonic() - t0 < PAUSE_GRACE  # its read ended at once: no wait for the grace
+            deadline = time.monotonic() + 5
+            while _request_threads() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not _request_threads()  # the client still holds its end; the server let go
+        exp.resume()
+        assert get(f"http://127.0.0.1:{exp.port}/-/healthy")[0] == 200
+    finally:
+        exp.stop()
+    assert "Traceback" not in capsys.readouterr().err
