@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 NATIVE := monitor/_tally.so
 ARGS ?=
 
-.PHONY: setup host run test unit kernel check bench bench-state clean install uninstall image
+.PHONY: setup host run test unit kernel check bench bench-state clean install uninstall image test-kernels
 
 setup: host $(STAMP) $(NATIVE)
 
@@ -38,6 +38,14 @@ unit: $(STAMP) $(NATIVE)
 
 kernel: setup
 	$(VENV)/bin/python -m pytest -ra tests/kernel
+
+# The kernel tests (all but the host_only ones) inside Debian's 5.10, 6.1 and 6.12 kernels, booted
+# under QEMU (root; kernels cached in ~/.cache/tcpstate/kernels; KERNELS="6.1 5.10" for some;
+# KERNELS_ARGS="-- -k counts -x" passes pytest arguments; README, "Tests").
+KERNELS ?=
+KERNELS_ARGS ?=
+test-kernels: setup
+	$(VENV)/bin/python tests/vm/kernels.py $(foreach k,$(KERNELS),--kernel $(k)) $(KERNELS_ARGS)
 
 # Short-connection churn with no monitor, tcpstate run and bcc's tcpstates: BENCHMARKS.md and
 # BENCHMARKS.png (root; namespaces; about 10 minutes; BENCH_ARGS="--rounds 2" etc., --help lists them).

@@ -189,6 +189,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 STORM_SECONDS = 60  # at most; the alert fires about 35 s in
 
 
+@pytest.mark.host_only  # the alert path through a real Prometheus; the storm itself is counted on every kernel
 def test_prometheus_fires_the_storm_alert(pair, daemon, tmp_path):
     """A real Prometheus (Debian's) scrapes the daemon every second with deploy/prometheus/alerts.yml
     loaded unchanged; a reset storm must show as a firing TcpstateRstStorm in its API."""

@@ -14,6 +14,8 @@ import pytest
 
 from .test_daemon import NOT_READY, free_port, get
 
+pytestmark = pytest.mark.host_only  # packaging or load: make test-kernels' guests skip it (README, "Tests")
+
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = str(ROOT / "deploy" / "container" / "entrypoint.sh")
 BAKE = str(ROOT / "deploy" / "container" / "bake-headers.sh")

@@ -18,6 +18,8 @@ from . import traffic
 from .netns import NetnsPair, netns_path
 from .test_daemon import TCPSTATE, free_port, get, wait_ready
 
+pytestmark = pytest.mark.host_only  # packaging or load: make test-kernels' guests skip it (README, "Tests")
+
 RULES = ROOT / "deploy/prometheus/alerts.yml"
 RATE_INTERVAL = "15s"  # Grafana's $__rate_interval at a 1 s scrape interval is at least 4 s; 15 s holds 15 scrapes
 RANGE = "60s"  # $__range: the whole traffic fits in it

@@ -9,7 +9,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.host_only  # packaging or load: make test-kernels' guests skip it (README, "Tests")
 
 ROOT = Path(__file__).resolve().parents[2]
 TCPSTATE = str(Path(sys.executable).with_name("tcpstate"))

@@ -10,11 +10,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import traffic
 from .daemon import Daemon
 from .test_daemon import get, samples
+
+pytestmark = pytest.mark.host_only  # packaging or load: make test-kernels' guests skip it (README, "Tests")
 
 BPFTOOL = "/usr/sbin/bpftool"
 TRACEPOINTS = ("sock:inet_sock_set_state", "tcp:tcp_send_reset", "tcp:tcp_receive_reset",

@@ -16,6 +16,8 @@ from . import traffic
 from .netns import NetnsPair
 from .test_daemon import free_port, get, samples, wait_ready
 
+pytestmark = pytest.mark.host_only  # packaging or load: make test-kernels' guests skip it (README, "Tests")
+
 ROOT = Path(__file__).resolve().parents[2]
 N = 20
 
