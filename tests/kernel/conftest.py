@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
 import subprocess
@@ -32,6 +33,21 @@ def require_root():
         if os.environ.get("CI") == "true":
             pytest.fail("kernel tests need root; CI runs them as root")
         pytest.skip("kernel tests need root (sudo make test)")
+
+
+KERNEL_LOCK = "/tmp/tcpstate-kernel.lock"  # also taken by tests/load/bench.py, per round
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernel_lock(require_root):
+    """One kernel-test session at a time on a host: the probes count every namespace, so another
+    checkout's traffic in 198.18.0.0/15 would land in this one's exact counts."""
+    fd = os.open(KERNEL_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture(scope="session")
