@@ -6,6 +6,12 @@
  *   TCPSTATE_HAVE_<TRACEPOINT>        the tracepoint exists
  *   TCPSTATE_SEND_RESET_SOCKADDR      tcp_send_reset has sockaddr images (>= 6.10)
  *   TCPSTATE_SEND_RESET_HAS_REASON / _HAS_STATE / _HAS_FAMILY
+ *   TCPSTATE_RECEIVE_RESET_HAS_FAMILY, TCPSTATE_DESTROY_SOCK_HAS_FAMILY (5.10 has neither)
+ *   TCPSTATE_SK_ERR_AT                byte offset of sock.sk_err (from the kernel's BTF): failed
+ *                                     connects classified by the socket's error, no error report
+ *   TCPSTATE_NOSOCK_RESETS_FROM_KFREE_SKB, with TCPSTATE_KFREE_SKB_*_AT (the format's offsets),
+ *   TCPSTATE_DROP_NO_SOCKET and TCPSTATE_SKB_*_AT (BTF): resets sent for no socket, on kernels
+ *                                     whose tcp_send_reset does not report them (before 6.10)
  *   TCPSTATE_FILTER_INCLUDE_CIDR / _EXCLUDE_CIDR / _PORTS
  *   TCPSTATE_EMIT_EVENTS              feed the watch ring buffer
  *   TCPSTATE_MAX_SOCKS                size of the per-socket table
@@ -47,14 +53,17 @@ BPF_PERCPU_ARRAY(resets_after_hs, __u64, TCPSTATE_NRESETS_AFTER_HS);
 BPF_ARRAY(settings, __u64, TCPSTATE_NSETTINGS);
 BPF_TABLE("lru_hash", __u64, struct tcpstate_sock, socks, TCPSTATE_MAX_SOCKS);
 
-/* A failed connect (SYN_SENT->CLOSE) waits here until we know why. The kernel reports the
- * socket error right *after* the transition, through a tracepoint that has no skaddr and may
- * show dport 0 (tcp_disconnect clears it first), so the key is the local port. The error
- * report classifies it; the socket's destruction without a report makes it "other". */
+#ifndef TCPSTATE_SK_ERR_AT
+/* Without the socket's error at hand (no BTF), a failed connect (SYN_SENT->CLOSE) waits here
+ * until we know why. The kernel reports the socket error right *after* the transition, through a
+ * tracepoint that has no skaddr and may show dport 0 (tcp_disconnect clears it first), so the key
+ * is the local port. The error report classifies it; the socket's destruction without a report
+ * makes it "other". */
 struct pending_fail {
 	__u64 skaddr;
 };
 BPF_TABLE("lru_hash", __u16, struct pending_fail, pending_fails, 4096);
+#endif
 
 #ifdef TCPSTATE_FILTER_INCLUDE_CIDR
 BPF_LPM_TRIE(include_v4, struct tcpstate_lpm_v4, __u8, 1024);
@@ -157,9 +166,29 @@ static __always_inline void observe(int hist, __u64 delta_ns)
 		*sum += delta_ns;
 }
 
-/* Returns 1 if the failure waits in pending_fails, 0 if it was counted at once. */
-static __always_inline int fail_pending(__u64 skaddr, __u16 sport)
+#ifdef TCPSTATE_SK_ERR_AT
+static __always_inline int sk_error(__u64 skaddr)
 {
+	int err = 0;
+	bpf_probe_read_kernel(&err, sizeof(err), (void *)(skaddr + TCPSTATE_SK_ERR_AT));
+	return err;
+}
+#endif
+
+/* Count a failed connect (SYN_SENT->CLOSE) by its cause, or leave it to the socket's
+ * destruction. Returns 1 if it waits there. */
+static __always_inline int fail_pending(__u64 skaddr, __u16 sport, int tracked)
+{
+#if defined(TCPSTATE_SK_ERR_AT) && defined(TCPSTATE_HAVE_TCP_DESTROY_SOCK)
+	/* When the kernel gives up it sets sk_err before the transition (ECONNREFUSED, ETIMEDOUT);
+	 * an abandoned connect gets ECONNRESET just after it (tcp_disconnect), a plain close none:
+	 * no error yet is settled at the socket's destruction. */
+	int err = sk_error(skaddr);
+	if (err == 0 && tracked)
+		return 1;
+	inc_connect_fails(tcpstate_failure_class(err));
+	return 0;
+#else
 #if defined(TCPSTATE_HAVE_INET_SK_ERROR_REPORT) && defined(TCPSTATE_HAVE_TCP_DESTROY_SOCK)
 	/* sport 0: connect() failed before a local port was bound (e.g. EADDRNOTAVAIL). */
 	if (sport != 0) {
@@ -173,19 +202,14 @@ static __always_inline int fail_pending(__u64 skaddr, __u16 sport)
 #endif
 	inc_connect_fails(TCPSTATE_FAIL_OTHER);
 	return 0;
-}
-
-static __always_inline int v4_mapped(const __u8 *a)
-{
-	return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 0 && a[4] == 0 && a[5] == 0 &&
-	       a[6] == 0 && a[7] == 0 && a[8] == 0 && a[9] == 0 && a[10] == 0xff && a[11] == 0xff;
+#endif
 }
 
 #if defined(TCPSTATE_FILTER_INCLUDE_CIDR) || defined(TCPSTATE_FILTER_EXCLUDE_CIDR)
 static __always_inline int lpm_key_v4(struct tcpstate_lpm_v4 *k, __u16 family, const __u8 *a)
 {
 	/* A v4-mapped v6 address (a v6 socket talking to a v4 peer) is matched as v4. */
-	if (family != TCPSTATE_AF_INET && !v4_mapped(a))
+	if (family != TCPSTATE_AF_INET && !tcpstate_v4_mapped(a))
 		return 0;
 	k->prefixlen = 32;
 	__builtin_memcpy(k->addr, family == TCPSTATE_AF_INET ? a : a + 12, 4);
@@ -261,6 +285,17 @@ static __always_inline int flow_wanted(struct flow *f)
 		TCPSTATE_FLOW_BARRIER();                                       \
 	} while (0)
 
+/* Layouts without a family field: the v6 fields hold IPv4 addresses v4-mapped. */
+#define TCPSTATE_FLOW_FROM_MAPPED(f, args)                                     \
+	do {                                                                   \
+		(f)->sport = (args)->sport;                                    \
+		(f)->dport = (args)->dport;                                    \
+		__builtin_memcpy((f)->saddr, (args)->saddr_v6, 16);            \
+		__builtin_memcpy((f)->daddr, (args)->daddr_v6, 16);            \
+		TCPSTATE_FLOW_BARRIER();                                       \
+		(f)->family = tcpstate_unmap((f)->saddr, (f)->daddr);          \
+	} while (0)
+
 #ifdef TCPSTATE_EMIT_EVENTS
 static __always_inline void fill_event(struct tcpstate_event *e, struct flow *f, __u64 skaddr, __u8 kind,
 				       __u8 oldstate, __u8 newstate, __u8 reason, __u64 delta_us,
@@ -318,8 +353,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		return 0;
 	__u8 oldstate = tcpstate_clamp_state(args->oldstate);
 	__u8 newstate = tcpstate_clamp_state(args->newstate);
-	int closes = tcpstate_records_close(oldstate, newstate);
-	int role = tcpstate_opening_role(oldstate);
+	/* Unused when a filter copies every flow and port-reuse counting is off. */
+	int closes __attribute__((unused)) = tcpstate_records_close(oldstate, newstate);
+	int role __attribute__((unused)) = tcpstate_opening_role(oldstate);
 	int failed = oldstate == TCPSTATE_TCP_SYN_SENT && newstate == TCPSTATE_TCP_CLOSE;
 	struct flow f = {};
 #ifdef TCPSTATE_NEED_FLOW
@@ -378,8 +414,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	if (!pending)
 		inc_transitions(oldstate * TCPSTATE_NSTATES + counted);
 
-	if (oldstate == TCPSTATE_TCP_SYN_SENT && newstate == TCPSTATE_TCP_CLOSE &&
-	    fail_pending(skaddr, args->sport) && s)
+	if (failed && fail_pending(skaddr, args->sport, s != NULL) && s)
 		s->flags |= TCPSTATE_SOCK_FAIL_PENDING;
 
 	__u64 delta_us = 0;
@@ -454,13 +489,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 #elif defined(TCPSTATE_SEND_RESET_HAS_FAMILY)
 	TCPSTATE_FLOW_FROM_FIELDS(&f, args);
 #else
-	/* The oldest layout has no family; its v6 fields hold v4-mapped addresses for v4. */
-	f.family = TCPSTATE_AF_INET6;
-	f.sport = args->sport;
-	f.dport = args->dport;
-	__builtin_memcpy(f.saddr, args->saddr_v6, 16);
-	__builtin_memcpy(f.daddr, args->daddr_v6, 16);
-	TCPSTATE_FLOW_BARRIER();
+	TCPSTATE_FLOW_FROM_MAPPED(&f, args);
 #endif
 	if (!flow_wanted(&f))
 		return 0;
@@ -506,7 +535,11 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
 	struct flow f = {};
+#ifdef TCPSTATE_RECEIVE_RESET_HAS_FAMILY
 	TCPSTATE_FLOW_FROM_FIELDS(&f, args);
+#else
+	TCPSTATE_FLOW_FROM_MAPPED(&f, args);
+#endif
 	if (!flow_wanted(&f))
 		return 0;
 	__u64 skaddr = (__u64)args->skaddr;
@@ -533,7 +566,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 }
 #endif
 
-#ifdef TCPSTATE_HAVE_INET_SK_ERROR_REPORT
+#if defined(TCPSTATE_HAVE_INET_SK_ERROR_REPORT) && !defined(TCPSTATE_SK_ERR_AT)
 TRACEPOINT_PROBE(sock, inet_sk_error_report)
 {
 	/* The kernel also reports 0 once the error is consumed. */
@@ -553,6 +586,12 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 {
 	__u64 skaddr = (__u64)args->skaddr;
 	struct tcpstate_sock *s = socks.lookup(&skaddr);
+#ifdef TCPSTATE_SK_ERR_AT
+	if (s && (s->flags & TCPSTATE_SOCK_FAIL_PENDING)) {  /* abandoned: ECONNRESET with SO_LINGER {1, 0} */
+		s->flags &= ~TCPSTATE_SOCK_FAIL_PENDING;
+		inc_connect_fails(tcpstate_failure_class(sk_error(skaddr)));
+	}
+#else
 	/* Only sockets whose connect failed (or that we never tracked) can wait there: this
 	 * keeps a hash lookup off the destruction of every other socket. */
 	if (!s || (s->flags & TCPSTATE_SOCK_FAIL_PENDING)) {
@@ -563,10 +602,14 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 			inc_connect_fails(TCPSTATE_FAIL_OTHER);
 		}
 	}
+#endif
 	if (s && (s->flags & TCPSTATE_SOCK_CLOSE_PENDING)) {
-#ifdef TCPSTATE_NEED_FLOW
+#if defined(TCPSTATE_NEED_FLOW) && defined(TCPSTATE_DESTROY_SOCK_HAS_FAMILY)
 		struct flow f = {};
 		TCPSTATE_FLOW_FROM_FIELDS(&f, args);
+#elif defined(TCPSTATE_NEED_FLOW)
+		struct flow f = {};
+		TCPSTATE_FLOW_FROM_MAPPED(&f, args);
 #else
 		struct flow f;
 #endif
@@ -575,6 +618,64 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 	/* Frees the slot at once instead of waiting for LRU eviction. */
 	if (s && socks.delete(&skaddr) == 0)
 		inc_stats(TCPSTATE_STAT_SOCK_FREED);
+	return 0;
+}
+#endif
+
+#ifdef TCPSTATE_NOSOCK_RESETS_FROM_KFREE_SKB
+/* Before 6.10, tcp_send_reset does not fire for a reset sent where no socket matched (a connect
+ * to a closed port, a segment of a connection this host forgot). The segment that caused it is
+ * freed right after with drop reason NO_SOCKET; its headers name the peer. Attached by hand
+ * (probes.py) and read at the format's offsets: bcc's generated struct would need the kernel's
+ * enum skb_drop_reason, which mismatched headers may lack. What this cannot tell: a segment that
+ * failed the IPsec policy check is dropped the same way without a reset. */
+int tcpstate_kfree_skb(void *ctx)
+{
+	__u32 reason = *(__u32 *)(ctx + TCPSTATE_KFREE_SKB_REASON_AT);
+	if (reason != TCPSTATE_DROP_NO_SOCKET)
+		return 0;
+	void *skb = *(void **)(ctx + TCPSTATE_KFREE_SKB_SKBADDR_AT);
+	unsigned char *head = NULL;
+	__u16 nh = 0, th = 0;
+	bpf_probe_read_kernel(&head, sizeof(head), skb + TCPSTATE_SKB_HEAD_AT);
+	bpf_probe_read_kernel(&nh, sizeof(nh), skb + TCPSTATE_SKB_NETWORK_HEADER_AT);
+	bpf_probe_read_kernel(&th, sizeof(th), skb + TCPSTATE_SKB_TRANSPORT_HEADER_AT);
+	__u8 ip[40] = {};
+	__u8 tcp[14] = {};
+	if (!head || bpf_probe_read_kernel(ip, sizeof(ip), head + nh) ||
+	    bpf_probe_read_kernel(tcp, sizeof(tcp), head + th))
+		return 0;
+	struct flow f = {};
+	/* The segment came from the peer: its destination is our end. */
+	if (ip[0] >> 4 == 4) {
+		if (ip[9] != TCPSTATE_IPPROTO_TCP)
+			return 0;
+		f.family = TCPSTATE_AF_INET;
+		__builtin_memcpy(f.saddr, ip + 16, 4);
+		__builtin_memcpy(f.daddr, ip + 12, 4);
+	} else if (ip[0] >> 4 == 6) {
+		if (ip[6] != TCPSTATE_IPPROTO_TCP)  /* extension headers: not counted */
+			return 0;
+		f.family = TCPSTATE_AF_INET6;
+		__builtin_memcpy(f.saddr, ip + 24, 16);
+		__builtin_memcpy(f.daddr, ip + 8, 16);
+	} else {
+		return 0;
+	}
+	if (tcp[13] & 0x04)  /* RST: the kernel never answers a reset with one */
+		return 0;
+	f.sport = (tcp[2] << 8) | tcp[3];
+	f.dport = (tcp[0] << 8) | tcp[1];
+	TCPSTATE_FLOW_BARRIER();
+	if (!flow_wanted(&f))
+		return 0;
+	inc_resets((TCPSTATE_DIR_SENT * TCPSTATE_NSTATES + TCPSTATE_STATE_NONE) * TCPSTATE_NREASONS +
+		   TCPSTATE_REASON_NO_SOCKET);
+	offend(&f, TCPSTATE_OFF_RESET_SENT, 0, NULL, bpf_ktime_get_ns());
+#ifdef TCPSTATE_EMIT_EVENTS
+	emit(ctx, &f, 0, TCPSTATE_EV_RESET_SENT, TCPSTATE_STATE_NONE, TCPSTATE_STATE_NONE, TCPSTATE_REASON_NO_SOCKET,
+	     0, NULL);
+#endif
 	return 0;
 }
 #endif

@@ -26,6 +26,9 @@
  * (a received reset, a kernel without the reason field, or a value out of range). */
 #define TCPSTATE_NREASONS 64
 #define TCPSTATE_REASON_UNKNOWN 63
+/* A reset sent where no socket matched: the kernel's SK_RST_REASON_NO_SOCKET (>= 6.10), and the
+ * reason tcpstate gives such resets on kernels that report them another way (skb:kfree_skb). */
+#define TCPSTATE_REASON_NO_SOCKET 1
 
 #define TCPSTATE_DIR_SENT 0
 #define TCPSTATE_DIR_RECEIVED 1

@@ -76,6 +76,27 @@ static __always_inline int tcpstate_records_close(__u8 oldstate, __u8 newstate)
 	       oldstate != TCPSTATE_TCP_LISTEN && oldstate != TCPSTATE_TCP_CLOSE;
 }
 
+/* An IPv6 address that carries an IPv4 one (::ffff:a.b.c.d). */
+static __always_inline int tcpstate_v4_mapped(const __u8 *a)
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 0 && a[4] == 0 && a[5] == 0 &&
+	       a[6] == 0 && a[7] == 0 && a[8] == 0 && a[9] == 0 && a[10] == 0xff && a[11] == 0xff;
+}
+
+/* The family of a tracepoint's addresses where the layout has no family field (5.10's
+ * tcp_receive_reset, tcp_destroy_sock, the oldest tcp_send_reset): the kernel stores an IPv4
+ * socket's addresses v4-mapped in the v6 fields. Both mapped: IPv4, moved to the first 4 bytes. */
+static __always_inline __u16 tcpstate_unmap(__u8 *saddr, __u8 *daddr)
+{
+	if (!tcpstate_v4_mapped(saddr) || !tcpstate_v4_mapped(daddr))
+		return 10; /* AF_INET6 */
+	__builtin_memcpy(saddr, saddr + 12, 4);
+	__builtin_memcpy(daddr, daddr + 12, 4);
+	__builtin_memset(saddr + 4, 0, 12);
+	__builtin_memset(daddr + 4, 0, 12);
+	return 2; /* AF_INET */
+}
+
 /* The first transition out of SYN_SENT (client) or SYN_RECV (server) is where a new connection's
  * 4-tuple is complete: at LISTEN->SYN_RECV the kernel has not yet set the child's peer address.
  * Returns the TCPSTATE_ROLE_* of the socket, or -1 for any other transition. */

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
-from . import native, probes, tracefs
-from .tracefs import MISSING_EFFECT, TRACEPOINTS
+from . import btf, native, probes, tracefs
+from .config import Filters
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class Item:
         return f"{self.status:<4} {self.name}: {self.detail}"
 
 
-def run_checks(compile_test: bool = True) -> list[Item]:
+def run_checks() -> list[Item]:
     items: list[Item] = []
     ok, why = probes.running_as_privileged()
     items.append(Item("OK" if ok else "FAIL", "privileges", why))
@@ -31,16 +32,19 @@ def run_checks(compile_test: bool = True) -> list[Item]:
         root = None
 
     layout = tracefs.detect_layout(root) if root else None
-    for group, name, required in TRACEPOINTS:
-        label = f"tracepoint {group}:{name}"
-        if layout is None:
-            items.append(Item("FAIL", label, "unknown: tracefs unavailable"))
-        elif layout.usable(name):
-            items.append(Item("OK", label, layout.describe(name)))
-        elif required:
-            items.append(Item("FAIL", label, layout.describe(name) + ": tcpstate needs it (Linux >= 4.16)"))
-        else:
-            items.append(Item("WARN", label, f"{layout.describe(name)}: runs without it, {MISSING_EFFECT[name]}"))
+    if layout is None:
+        items.append(Item("FAIL", "tracepoints", "unknown: tracefs unavailable"))
+    else:
+        for tp, usable in layout.probe_states().items():
+            name = tp.split(":", 1)[1]
+            items.append(Item("OK" if usable else "WARN", f"tracepoint {tp}", layout.describe(name)))
+        items.append(Item("OK" if not layout.btf_problem else "WARN", "kernel BTF",
+                          layout.btf_problem or f"{len(layout.offsets)} struct offsets read from {btf.VMLINUX}"))
+        for sig in layout.signals():
+            if sig.source:
+                items.append(Item("OK", f"count {sig.name}", f"from {sig.source}"))
+            else:
+                items.append(Item("FAIL" if sig.name == "transitions" else "WARN", f"count {sig.name}", sig.missing))
 
     try:
         probes.import_bcc()
@@ -63,17 +67,28 @@ def run_checks(compile_test: bool = True) -> list[Item]:
         items.append(Item("WARN", "socket-table counter",
                           f"{native.UNAVAILABLE}: polls fall back to Python, at more CPU (README, Performance)"))
 
-    if not compile_test:
-        return items
-    if ok and bcc_ok and headers_ok and layout is not None and layout.usable("inet_sock_set_state"):
-        p = probes.Probes(layout)
+    ready = ok and bcc_ok and headers_ok and layout is not None and layout.usable("inet_sock_set_state")
+    for label, variant in COMPILE_VARIANTS:
+        if not ready:
+            items.append(Item("FAIL", f"test compile, {label}", "skipped: fix the failures above first"))
+            continue
+        p = probes.Probes(layout, **variant)
         try:
             p.attach()
-            items.append(Item("OK", "test compile", "bpf/tcpstate.c compiled, loaded and attached"))
+            items.append(Item("OK", f"test compile, {label}", "bpf/tcpstate.c compiled, loaded and attached"))
         except probes.ProbeError as exc:
-            items.append(Item("FAIL", "test compile", str(exc)))
+            items.append(Item("FAIL", f"test compile, {label}", str(exc)))
         finally:
             p.close()
-    else:
-        items.append(Item("FAIL", "test compile", "skipped: fix the failures above first"))
     return items
+
+
+# What `check` compiles: what `run` does with its defaults, and every optional part at once (the
+# filters and the watch stream); the table sizes only change array bounds. The unit tests compile
+# every combination against every kernel's formats (tests/unit/test_bpf_variants.py).
+_EVERY_FILTER = Filters(include_cidrs=(ipaddress.ip_network("198.18.0.0/15"),),
+                        exclude_cidrs=(ipaddress.ip_network("2001:db8::/32"),), include_ports=(443,))
+COMPILE_VARIANTS = (
+    ("run's defaults", {}),
+    ("filters and the watch stream", {"filters": _EVERY_FILTER, "emit_events": True}),
+)

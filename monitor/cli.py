@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from . import __version__, native
 from .config import (CIDR, DEFAULT_FORECAST_WINDOW, DEFAULT_LISTEN_ADDRESS, DEFAULT_MAX_OFFENDERS, DEFAULT_MAX_SOCKETS,
                      DEFAULT_RECENT_CLOSES, DEFAULT_STATE_INTERVAL, DEFAULT_TOP_N, LISTEN_ADDRESS, PORT, make_filters)
-from .tracefs import MISSING_EFFECT, TRACEPOINTS, TracefsError, detect_layout, ensure_tracefs
+from .tracefs import TracefsError, detect_layout, ensure_tracefs
 
 log = logging.getLogger("tcpstate")
 
@@ -81,12 +81,16 @@ def _layout():
     except TracefsError as exc:
         raise Fatal(str(exc)) from None
     layout = detect_layout(root)
-    for group, name, _required in TRACEPOINTS:
-        if layout.usable(name):
-            log.info("tracepoint %s:%s: %s", group, name, layout.describe(name))
-        elif name in MISSING_EFFECT:
-            log.warning("tracepoint %s:%s: %s; running without it: %s", group, name, layout.describe(name),
-                        MISSING_EFFECT[name])
+    for tp, usable in layout.probe_states().items():
+        log.log(logging.INFO if usable else logging.WARNING, "tracepoint %s: %s", tp,
+                layout.describe(tp.split(":", 1)[1]))
+    if layout.btf_problem:
+        log.warning("kernel BTF: %s", layout.btf_problem)
+    for sig in layout.signals():
+        if sig.source:
+            log.info("%s: counted from %s", sig.name, sig.source)
+        else:
+            log.warning("%s: running without them: %s", sig.name, sig.missing)
     return layout
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
 import os
 import platform
+import tempfile
 import threading
 from pathlib import Path
 from typing import NamedTuple
@@ -81,6 +83,28 @@ def possible_cpus() -> int:
     return len(get_possible_cpus())
 
 
+@contextlib.contextmanager
+def compiler_output():
+    """What clang prints while bcc compiles (warnings that mismatched headers cause), taken off
+    the terminal: yields a function that returns it. bcc writes to fd 2 directly."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: (sink.seek(0), sink.read().decode(errors="replace"))[1].strip()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+# Programs bcc does not attach by itself (probes.attach), by tracepoint name.
+MANUAL_PROGRAMS = {"kfree_skb": "tcpstate_kfree_skb"}
+
+
+def program_name(group: str, name: str) -> str:
+    return MANUAL_PROGRAMS.get(name, f"tracepoint__{group}__{name}")
+
+
 class Probes:
     """The loaded program: build flags from the layout and filters, then read counters."""
 
@@ -120,8 +144,8 @@ class Probes:
 
     @property
     def attached(self) -> dict[str, bool]:
-        """tracepoint ("group:name") -> attached."""
-        return {f"{g}:{n}": self.bpf is not None and self.layout.usable(n) for g, n, _ in TRACEPOINTS}
+        """tracepoint ("group:name") -> attached, for the tracepoints this kernel needs."""
+        return {tp: self.bpf is not None and ok for tp, ok in self.layout.probe_states().items()}
 
     def attach(self) -> None:
         if not self.layout.usable("inet_sock_set_state"):
@@ -135,10 +159,24 @@ class Probes:
         # bcc attaches TRACEPOINT_PROBEs as it loads them, before the filter maps are filled:
         # include filters reject everything until then; an exclude filter may let the events
         # of those few microseconds through.
-        try:
-            self.bpf = BPF(src_file=str(src).encode(), cflags=self.cflags())
-        except Exception as exc:  # bcc raises bare Exception for compile and load errors
-            raise ProbeError(f"could not compile or load {src}: {exc} (run 'tcpstate check' for details)") from None
+        with compiler_output() as output:
+            try:
+                self.bpf = BPF(src_file=str(src).encode(), cflags=self.cflags())
+                for group, name, _ in TRACEPOINTS:
+                    if name in MANUAL_PROGRAMS and self.layout.used(name):
+                        self.bpf.attach_tracepoint(tp=f"{group}:{name}".encode(),
+                                                   fn_name=MANUAL_PROGRAMS[name].encode())
+            except Exception as exc:  # bcc raises bare Exception for compile and load errors
+                failed = exc
+            else:
+                failed = None
+            printed = output()
+        if printed:
+            log.log(logging.ERROR if failed else logging.DEBUG, "compiler output for %s:\n%s", src.name, printed)
+        if failed is not None:
+            self.close()
+            raise ProbeError(f"could not compile or load {src}: {failed} (the log has the compiler's output; "
+                             "run 'tcpstate check' for details)") from None
         self._fill_filters()
         self.set_windows(self.reuse_window, self.early_reset_within)
         self._ncpus = possible_cpus()
@@ -302,7 +340,7 @@ class Probes:
                 return out
             funcs = dict(self.bpf.funcs)
         for group, name, _ in TRACEPOINTS:
-            fn = funcs.get(f"tracepoint__{group}__{name}".encode())
+            fn = funcs.get(program_name(group, name).encode())
             if fn is None:
                 continue
             buf = ctypes.create_string_buffer(self._INFO_SIZE)

@@ -1,4 +1,4 @@
-"""tracefs.py: mount tracefs when needed, read tracepoint formats, and detect the layouts this kernel has."""
+"""tracefs.py: mount tracefs when needed, read tracepoint formats, and decide how each count is read on this kernel."""
 
 from __future__ import annotations
 
@@ -9,33 +9,40 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .btf import BTF, VMLINUX, BTFError
+
 TRACEFS_MOUNTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
-# (group, name, required): what tcpstate attaches to, in the order `check` reports it.
+# (group, name, required): what tcpstate may attach to, in the order `check` reports it.
 TRACEPOINTS = (
     ("sock", "inet_sock_set_state", True),
     ("tcp", "tcp_send_reset", False),
     ("tcp", "tcp_receive_reset", False),
     ("sock", "inet_sk_error_report", False),
     ("tcp", "tcp_destroy_sock", False),
+    ("skb", "kfree_skb", False),
 )
 
 # What each tracepoint's code reads; a format without these fields is a layout we do not know.
-_ADDR_FIELDS = {"sport", "dport", "family", "saddr", "daddr", "saddr_v6", "daddr_v6"}
+# family is optional where the v4-mapped v6 fields tell it (5.10's tcp_receive_reset, tcp_destroy_sock).
+_PORTS_AND_V6 = {"sport", "dport", "saddr_v6", "daddr_v6"}
 REQUIRED_FIELDS = {
-    "inet_sock_set_state": {"skaddr", "oldstate", "newstate", "protocol"} | _ADDR_FIELDS,
-    "tcp_receive_reset": {"skaddr"} | _ADDR_FIELDS,
+    "inet_sock_set_state": {"skaddr", "oldstate", "newstate", "protocol", "family", "saddr", "daddr"} | _PORTS_AND_V6,
+    "tcp_receive_reset": {"skaddr"} | _PORTS_AND_V6,
     "inet_sk_error_report": {"error", "sport", "dport", "protocol"},
-    "tcp_destroy_sock": {"skaddr"},
+    "tcp_destroy_sock": {"skaddr"} | _PORTS_AND_V6,
+    "kfree_skb": {"skbaddr", "reason"},
 }
 
-# What each missing signal costs, for logs and `check`.
-MISSING_EFFECT = {
-    "tcp_send_reset": "sent resets are not counted",
-    "tcp_receive_reset": "received resets are not counted and resets do not stop TIME_WAIT inference",
-    "inet_sk_error_report": "failed connects are all classified as 'other'",
-    "tcp_destroy_sock": "socket-table slots are freed by LRU eviction only",
+# Kernel struct members read at offsets from the running kernel's BTF: -D name=offset.
+BTF_OFFSETS = {
+    "TCPSTATE_SK_ERR_AT": "sock.sk_err",
+    "TCPSTATE_SKB_HEAD_AT": "sk_buff.head",
+    "TCPSTATE_SKB_NETWORK_HEADER_AT": "sk_buff.network_header",
+    "TCPSTATE_SKB_TRANSPORT_HEADER_AT": "sk_buff.transport_header",
 }
+_SKB_OFFSETS = ("TCPSTATE_SKB_HEAD_AT", "TCPSTATE_SKB_NETWORK_HEADER_AT", "TCPSTATE_SKB_TRANSPORT_HEADER_AT")
+NO_SOCKET_REASON = 1  # TCPSTATE_REASON_NO_SOCKET
 
 
 class TracefsError(RuntimeError):
@@ -137,27 +144,85 @@ def read_format(root: str, group: str, name: str) -> TracepointFormat | None:
     return parse_format(text)
 
 
+@dataclass(frozen=True)
+class Signal:
+    """One kind of count and where it comes from on this kernel (source None: not counted)."""
+
+    name: str
+    source: str | None
+    missing: str = ""  # what is lost, and why, when source is None
+
+
 @dataclass
 class Layout:
-    """Which tracepoints exist on this kernel, and in which layout."""
+    """Which tracepoints exist on this kernel, in which layout, and which kernel struct offsets
+    its BTF gave: together, how each count is read here."""
 
     formats: dict[str, TracepointFormat | None] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)  # tracepoint -> why it is unusable
     send_reset_variant: str | None = None  # "sockaddr" (>= 6.10) | "legacy" | "legacy-nofamily"
     reason_names: dict[int, str] = field(default_factory=dict)
+    drop_reasons: dict[str, int] = field(default_factory=dict)  # kfree_skb's reason names -> numbers
+    offsets: dict[str, int] = field(default_factory=dict)  # BTF_OFFSETS names found
+    btf_problem: str | None = "not read"
 
     def usable(self, name: str) -> bool:
         return self.formats.get(name) is not None and name not in self.problems
 
+    def has_field(self, name: str, field_name: str) -> bool:
+        fmt = self.formats.get(name)
+        return bool(fmt and field_name in fmt.fields)
+
     @property
     def send_reset_has_state(self) -> bool:
-        fmt = self.formats.get("tcp_send_reset")
-        return bool(fmt and "state" in fmt.fields)
+        return self.has_field("tcp_send_reset", "state")
 
     @property
     def send_reset_has_reason(self) -> bool:
-        fmt = self.formats.get("tcp_send_reset")
-        return bool(fmt and "reason" in fmt.fields)
+        return self.has_field("tcp_send_reset", "reason")
+
+    @property
+    def failure_reasons_from_sk_err(self) -> bool:
+        """A failed connect's cause read from the socket itself (tcp_destroy_sock settles those
+        that get theirs late); else from sock:inet_sk_error_report."""
+        return "TCPSTATE_SK_ERR_AT" in self.offsets and self.usable("tcp_destroy_sock")
+
+    @property
+    def nosock_resets_from_kfree_skb(self) -> bool:
+        """Before 6.10 tcp_send_reset does not report a reset sent where no socket matched; the
+        segment that caused it is then freed with drop reason NO_SOCKET (>= 5.17)."""
+        return (self.send_reset_variant != "sockaddr" and self.usable("kfree_skb")
+                and "NO_SOCKET" in self.drop_reasons and all(k in self.offsets for k in _SKB_OFFSETS))
+
+    @property
+    def nosock_resets_source(self) -> str | None:
+        """Where resets sent for no socket are counted from on this kernel, if anywhere."""
+        if self.send_reset_variant == "sockaddr" and self.usable("tcp_send_reset"):
+            return "tcp:tcp_send_reset"
+        if self.nosock_resets_from_kfree_skb:
+            return "skb:kfree_skb (drop reason NO_SOCKET; sk_buff offsets from BTF)"
+        return None
+
+    def used(self, name: str) -> bool:
+        """Whether tcpstate attaches to this tracepoint on this kernel."""
+        if name == "inet_sk_error_report":
+            return self.usable(name) and not self.failure_reasons_from_sk_err
+        if name == "kfree_skb":
+            return self.nosock_resets_from_kfree_skb
+        return self.usable(name)
+
+    def probe_states(self) -> dict[str, bool]:
+        """group:name -> attachable, for the tracepoints this kernel needs: those used, and the
+        missing ones whose count nothing else gives (a replaced or unneeded one is left out)."""
+        out = {}
+        for group, name, _required in TRACEPOINTS:
+            if self.used(name):
+                out[f"{group}:{name}"] = True
+            elif name == "inet_sk_error_report" and not self.failure_reasons_from_sk_err:
+                out[f"{group}:{name}"] = False
+            elif name not in ("inet_sk_error_report", "kfree_skb"):
+                out[f"{group}:{name}"] = False
+        return out
 
     def describe(self, name: str) -> str:
         if self.formats.get(name) is None:
@@ -171,12 +236,48 @@ class Layout:
             if self.send_reset_has_reason:
                 extra.append(f"reason ({len(self.reason_names)} names)")
             return f"layout {self.send_reset_variant}" + (f" with {', '.join(extra)}" if extra else "")
+        if name in ("tcp_receive_reset", "tcp_destroy_sock") and not self.has_field(name, "family"):
+            return "ok (no family field: taken from the addresses)"
         return "ok"
+
+    def signals(self) -> list[Signal]:
+        """How each count is read on this kernel, for `check`, the log and README's table."""
+        sent = "tcp:tcp_send_reset" if self.usable("tcp_send_reset") else None
+        nosock, why = self.nosock_resets_source, ""
+        if nosock is None:
+            if not self.usable("kfree_skb") and self.formats.get("kfree_skb") is not None:
+                cause = "skb:kfree_skb has no drop reason (before 5.17)"
+            elif "NO_SOCKET" not in self.drop_reasons:
+                cause = "skb:kfree_skb has no NO_SOCKET drop reason"
+            else:
+                cause = f"no sk_buff offsets ({self.btf_problem})"
+            why = ("resets sent where no socket matched (a connect to a closed port) are not counted: "
+                   f"tcp_send_reset reports them from 6.10, and {cause}")
+        if self.failure_reasons_from_sk_err:
+            failures, fwhy = f"sock.sk_err (offset {self.offsets['TCPSTATE_SK_ERR_AT']} from BTF)", ""
+        elif self.usable("inet_sk_error_report") and self.usable("tcp_destroy_sock"):
+            failures, fwhy = "sock:inet_sk_error_report", ""
+        else:
+            failures = None
+            fwhy = (f"every failed connect is 'other': no sock.sk_err offset ({self.btf_problem or 'no tcp_destroy_sock'}) "
+                    "and no sock:inet_sk_error_report")
+        return [
+            Signal("transitions", "sock:inet_sock_set_state" if self.usable("inet_sock_set_state") else None,
+                   "nothing is counted: tcpstate needs it (Linux >= 4.16)"),
+            Signal("resets sent", sent and f"{sent} (layout {self.send_reset_variant})", "sent resets are not counted"),
+            Signal("resets sent for no socket", nosock, why),
+            Signal("resets received", "tcp:tcp_receive_reset" if self.usable("tcp_receive_reset") else None,
+                   "received resets are not counted and resets do not stop TIME_WAIT inference"),
+            Signal("failed-connect causes", failures, fwhy),
+            Signal("socket-table frees", "tcp:tcp_destroy_sock" if self.usable("tcp_destroy_sock") else None,
+                   "socket-table slots are freed by LRU eviction only; an abort from FIN_WAIT2/CLOSING counts "
+                   "as TIME_WAIT"),
+        ]
 
     def cflags(self) -> list[str]:
         flags = []
         for _group, name, _req in TRACEPOINTS:
-            if name != "inet_sock_set_state" and self.usable(name):
+            if name not in ("inet_sock_set_state", "kfree_skb") and self.used(name):
                 flags.append(f"-DTCPSTATE_HAVE_{name.upper()}")
         if self.usable("tcp_send_reset"):
             if self.send_reset_variant == "sockaddr":
@@ -187,6 +288,18 @@ class Layout:
                 flags.append("-DTCPSTATE_SEND_RESET_HAS_STATE")
             if self.send_reset_has_reason:
                 flags.append("-DTCPSTATE_SEND_RESET_HAS_REASON")
+        for name in ("tcp_receive_reset", "tcp_destroy_sock"):
+            if self.usable(name) and self.has_field(name, "family"):
+                flags.append(f"-DTCPSTATE_{name.upper()[4:]}_HAS_FAMILY")
+        if self.failure_reasons_from_sk_err:
+            flags.append(f"-DTCPSTATE_SK_ERR_AT={self.offsets['TCPSTATE_SK_ERR_AT']}")
+        if self.nosock_resets_from_kfree_skb:
+            fields = self.formats["kfree_skb"].fields
+            flags += ["-DTCPSTATE_NOSOCK_RESETS_FROM_KFREE_SKB",
+                      f"-DTCPSTATE_KFREE_SKB_SKBADDR_AT={fields['skbaddr'].offset}",
+                      f"-DTCPSTATE_KFREE_SKB_REASON_AT={fields['reason'].offset}",
+                      f"-DTCPSTATE_DROP_NO_SOCKET={self.drop_reasons['NO_SOCKET']}"]
+            flags += [f"-D{k}={self.offsets[k]}" for k in _SKB_OFFSETS]
         return flags
 
 
@@ -202,8 +315,29 @@ def _send_reset_variant(fmt: TracepointFormat) -> tuple[str | None, str | None]:
     return None, "layout not understood (neither sockaddr images nor sport/dport fields)"
 
 
-def detect_layout(root: str) -> Layout:
-    """Read every tracepoint format tcpstate uses from a tracefs root."""
+def read_offsets(layout: Layout, btf_path: str | None) -> None:
+    """The BTF_OFFSETS this kernel's BTF has; layout.btf_problem says why none, if so."""
+    if btf_path is None:
+        layout.btf_problem = "BTF not read"
+        return
+    try:
+        btf = BTF.load(btf_path)
+    except BTFError as exc:
+        layout.btf_problem = str(exc)
+        return
+    missing = []
+    for name, member in BTF_OFFSETS.items():
+        try:
+            layout.offsets[name] = btf.offset(member)
+        except BTFError as exc:
+            missing.append(str(exc))
+    layout.btf_problem = "; ".join(missing) or None
+
+
+def detect_layout(root: str, btf_path: str | None = VMLINUX, offsets: dict[str, int] | None = None) -> Layout:
+    """Read every tracepoint format tcpstate may use from a tracefs root, and the struct offsets
+    it reads from the kernel's BTF (btf_path None: none, as on a kernel without BTF; offsets: these
+    instead, as tests do for kernels that are not running)."""
     layout = Layout()
     for group, name, _required in TRACEPOINTS:
         fmt = read_format(root, group, name)
@@ -219,6 +353,16 @@ def detect_layout(root: str) -> Layout:
                 layout.reason_names = parse_reason_names(fmt.print_fmt)
             continue
         missing = REQUIRED_FIELDS[name] - set(fmt.fields)
-        if missing:
+        if name == "kfree_skb" and missing == {"reason"}:
+            layout.problems[name] = "no drop reason (before 5.17)"
+        elif missing:
             layout.problems[name] = f"layout not understood (no field {', '.join(sorted(missing))})"
+        if name == "kfree_skb":
+            layout.drop_reasons = {v: k for k, v in parse_reason_names(fmt.print_fmt).items()}
+    if offsets is not None:
+        layout.offsets, layout.btf_problem = dict(offsets), None
+    else:
+        read_offsets(layout, btf_path)
+    if layout.nosock_resets_from_kfree_skb:
+        layout.reason_names.setdefault(NO_SOCKET_REASON, "NO_SOCKET")
     return layout

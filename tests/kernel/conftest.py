@@ -73,6 +73,12 @@ def netns():
     pair.down()
 
 
+def nosock_resets(layout, n: int) -> dict:
+    """The resets a host sends for n segments that matched no socket (connects to a closed port),
+    as counted on this kernel: none where it has no signal for them (5.10; README, "Kernel support")."""
+    return {("sent", "NONE", "NO_SOCKET"): n} if layout.nosock_resets_source else {}
+
+
 def attach(layout, filters: Filters, **kwargs):
     from monitor.probes import Probes
 

@@ -77,7 +77,7 @@ def next_event(events, kind, status, timeout):
             return t, e
 
 
-def test_refused_connect_burst_fires_and_resolves(pair, daemon):
+def test_refused_connect_burst_fires_and_resolves(pair, daemon, layout):
     base, events = daemon
     before = samples(get(base + "/metrics")[1])
     t0 = time.monotonic()
@@ -87,17 +87,22 @@ def test_refused_connect_burst_fires_and_resolves(pair, daemon):
     t_fire, fire = next_event(events, "rst_storm", "firing", (t1 - t0) + WINDOW + TICK + 1.0)
     assert fire["severity"] == "critical" and fire["threshold"] == 50 and fire["value"] >= 50
     assert fire["window_seconds"] == WINDOW
+    # 5.10 has no signal for resets sent for no socket: there the storm is the client's side alone.
+    nosock = bool(layout.nosock_resets_source)
     causes = {(c["direction"], c["state"], c["reason"]) for c in fire["details"]["top_causes"]}
-    assert {("sent", "NONE", "NO_SOCKET"), ("received", "SYN_SENT", "UNKNOWN")} <= causes
+    assert {("received", "SYN_SENT", "UNKNOWN")} | ({("sent", "NONE", "NO_SOCKET")} if nosock else set()) <= causes
     assert fire["time"].endswith("Z") and fire["summary"].startswith("Resets at ")
     # Who: the server's kernel answered the client's address on port 9, and the client's
     # process (this one) got the resets from the server's port 9; BURST of each, one entry each.
     top = {(p["kind"], p["remote"], p["remote_port"], p["local_port"]): p for p in fire["details"]["top_offenders"]}
-    assert set(top) == {("reset_sent", pair.CLIENT_ADDR, None, 9), ("reset_received", pair.SERVER_ADDR, 9, None)}
-    sent, received = top[("reset_sent", pair.CLIENT_ADDR, None, 9)], top[("reset_received", pair.SERVER_ADDR, 9, None)]
-    assert sent["pid"] is None and received["pid"] == os.getpid()
+    sent_key, received_key = ("reset_sent", pair.CLIENT_ADDR, None, 9), ("reset_received", pair.SERVER_ADDR, 9, None)
+    assert set(top) == {received_key} | ({sent_key} if nosock else set())
+    received = top[received_key]
+    assert received["pid"] == os.getpid()
     # The event may come mid-burst; the counts reach BURST exactly by its end (checked below).
-    assert 0 < sent["count"] <= BURST and 0 < received["count"] <= BURST
+    assert 0 < received["count"] <= BURST
+    if nosock:
+        assert top[sent_key]["pid"] is None and 0 < top[sent_key]["count"] <= BURST
     assert fire["summary"].endswith(")") and "; top peer: " in fire["summary"]
     _, failing = next_event(events, "connect_failures", "firing", WINDOW + TICK + 1.0)
     assert failing["details"]["by_reason"].get("refused", 0) > 0
@@ -108,11 +113,12 @@ def test_refused_connect_burst_fires_and_resolves(pair, daemon):
     t_res, res = next_event(events, "rst_storm", "resolved", WINDOW + HOLD_DOWN + 2 * TICK + 2.0)
     assert t_res - t1 >= HOLD_DOWN and res["details"]["peak"] >= fire["value"]
     final = {(p["kind"], p["remote"]): p["count"] for p in res["details"]["top_offenders"]}
-    assert final == {("reset_sent", pair.CLIENT_ADDR): BURST, ("reset_received", pair.SERVER_ADDR): BURST}
+    assert final == {("reset_received", pair.SERVER_ADDR): BURST} | \
+        ({("reset_sent", pair.CLIENT_ADDR): BURST} if nosock else {})
     after = samples(get(base + "/metrics")[1])
     resets = sum(v for (name, labels), v in after.items() if name == "tcpstate_resets_total") - \
         sum(v for (name, labels), v in before.items() if name == "tcpstate_resets_total")
-    assert resets == 2 * BURST  # the counters stay exact
+    assert resets == (2 if nosock else 1) * BURST  # the counters stay exact
     assert after[("tcpstate_anomalies_total", (("kind", "rst_storm"),))] == 1
     assert after[("tcpstate_anomaly_active", (("kind", "rst_storm"),))] == 0
     assert after[("tcpstate_anomalies_total", (("kind", "connect_failures"),))] == 1

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import traffic
@@ -63,7 +64,7 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     raise AssertionError("tcpstate run never became ready")
 
 
-def test_run_serves_metrics_and_stops_on_sigterm(netns):
+def test_run_serves_metrics_and_stops_on_sigterm(netns, layout):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([TCPSTATE, "run", "--listen-address", f"127.0.0.1:{port}",
@@ -90,9 +91,9 @@ def test_run_serves_metrics_and_stops_on_sigterm(netns):
                          ("SYN_RECV", "ESTABLISHED"), ("LAST_ACK", "CLOSE")]:
             assert transition(after, old, new) - transition(before, old, new) == n, (old, new)
         s = samples(after)
-        for tp in ("sock:inet_sock_set_state", "tcp:tcp_send_reset", "tcp:tcp_receive_reset",
-                   "sock:inet_sk_error_report", "tcp:tcp_destroy_sock"):
-            assert s[("tcpstate_probe_attached", (("tracepoint", tp),))] == 1
+        attached = {dict(labels)["tracepoint"]: v for (name, labels), v in s.items() if name == "tcpstate_probe_attached"}
+        assert attached == {tp: float(ok) for tp, ok in layout.probe_states().items()}
+        assert attached["sock:inet_sock_set_state"] == 1 and attached["tcp:tcp_send_reset"] == 1
         # The socket-table poll of the client's namespace sees the n TIME_WAIT sockets just made;
         # the missing namespace only costs errors.
         deadline = time.monotonic() + 10
@@ -120,7 +121,7 @@ def test_run_serves_metrics_and_stops_on_sigterm(netns):
     assert "netns '/nonexistent/netns' (/nonexistent/netns): cannot poll sockets" in err
 
 
-def test_watch_streams_json_with_process(netns):
+def test_watch_streams_json_with_process(netns, layout):
     proc = subprocess.Popen([TCPSTATE, "watch", "--json", "--include-cidr", "198.18.0.0/15"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -150,10 +151,12 @@ def test_watch_streams_json_with_process(netns):
     assert all(e["saddr"] == netns.CLIENT_ADDR and e["daddr"] == netns.SERVER_ADDR for e in est)
     assert all(e["prev_state_us"] is not None for e in est)
     resets = [(e["kind"], e["state"], e["reason"]) for e in events if e["kind"] != "transition"]
-    assert sorted(resets) == [("reset_received", "SYN_SENT", "UNKNOWN"), ("reset_sent", "NONE", "NO_SOCKET")]
+    assert sorted(resets) == [("reset_received", "SYN_SENT", "UNKNOWN")] + \
+        ([("reset_sent", "NONE", "NO_SOCKET")] if layout.nosock_resets_source else [])
     assert "lost" not in err
 
 
+@pytest.mark.host_only  # tests/vm/guest.sh runs check in every guest before the suite
 def test_check_passes_here():
     res = subprocess.run([TCPSTATE, "check"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from . import traffic
 from .daemon import TEST_CIDR, Daemon
 from .test_daemon import TCPSTATE
@@ -159,6 +161,7 @@ def test_sighup_reloads_the_config_and_a_bad_one_keeps_the_old(netns, tmp_path):
     assert d.proc.returncode == 0, d.log()
 
 
+@pytest.mark.host_only  # no kernel in it: the config path and bcc's own memory
 def test_sighup_without_a_config_file_changes_nothing(netns, tmp_path):
     with Daemon(tmp_path) as d:
         d.proc.send_signal(signal.SIGHUP)
@@ -264,6 +267,7 @@ def test_watch_under_full_churn_reports_its_loss_and_the_daemon_counts_on(netns,
 RSS_TARGET_KB = 100 * 1024  # issue #6's target for the daemon's resident memory
 
 
+@pytest.mark.host_only  # no kernel in it: the config path and bcc's own memory
 def test_the_compilers_memory_is_given_back_after_attaching(tmp_path):
     """bcc's compile leaves about 150 MB resident (LLVM's code, freed heap); the daemon hands it back."""
     with Daemon(tmp_path) as d:

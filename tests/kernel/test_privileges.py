@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from monitor import privileges
 
 from . import traffic
@@ -162,6 +164,7 @@ def test_an_unknown_user_is_a_usage_error_before_anything_is_attached():
                            "host (useradd --system no-such-user-here, or give a uid) (see 'tcpstate run --help')\n")
 
 
+@pytest.mark.host_only  # the HTTP and web-config side of the drop, the same on every kernel
 def test_tls_and_basic_auth_keep_serving_after_the_drop_to_a_user(tmp_path):
     """--web-config-file with --user nobody and the files in a root-only directory, as a key file
     usually is: what was loaded as root keeps serving, and the log says rotation needs access."""
@@ -228,6 +231,7 @@ def test_a_bad_web_config_is_a_usage_error(tmp_path):
     assert len(done.stderr.splitlines()) == 1
 
 
+@pytest.mark.host_only  # the HTTP and web-config side of the drop, the same on every kernel
 def test_without_cap_setpcap_everything_else_is_still_dropped():
     """As in `docker run --cap-drop ALL --cap-add BPF --cap-add PERFMON`: the bounding set cannot
     be emptied, so it stays, and the effective and permitted sets still go."""
@@ -246,6 +250,7 @@ def test_without_cap_setpcap_everything_else_is_still_dropped():
             "CAP_SETPCAP; no_new_privs is set)") in log
 
 
+@pytest.mark.host_only  # the HTTP and web-config side of the drop, the same on every kernel
 def test_a_client_trickling_bytes_during_the_compile_cannot_stop_the_drop():
     """A connection accepted before the drop is ended by it, however slowly its client writes;
     the drop goes ahead, and the client's socket is closed."""
@@ -286,6 +291,7 @@ def test_a_client_trickling_bytes_during_the_compile_cannot_stop_the_drop():
     assert "privileges dropped: running as uid 0 with capabilities: none" in log
 
 
+@pytest.mark.host_only  # the HTTP and web-config side of the drop, the same on every kernel
 def test_after_the_drop_a_readable_config_still_applies_with_a_root_only_key():
     """The usual layout: config and certificate readable, the key root's alone (0600). After
     --user, a changed password in the config applies; the key stays as loaded, said once."""

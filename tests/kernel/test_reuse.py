@@ -74,19 +74,24 @@ def test_ephemeral_ports_are_no_reuse(netns, meter):
 
 
 def test_reuse_after_the_window_is_not_counted(netns, probes, meter):
-    probes.set_windows(0.3, 1.0)
+    # A window long enough that "at once" stays inside it on a slow machine too: with 0.3 s, the
+    # reconnect in an emulated 5.10 guest (make test-kernels) fell outside it.
+    window = 1.5
+    probes.set_windows(window, 1.0)
     try:
         with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:
             port = traffic.from_fixed_port(netns.client, netns.CLIENT_ADDR, lst, 1, "abort")
-            time.sleep(0.6)  # twice the window
+            time.sleep(window + 0.5)
             traffic.from_fixed_port(netns.client, netns.CLIENT_ADDR, lst, 1, "abort", port=port)
             late = meter.delta()
+            t0 = time.monotonic()
             traffic.from_fixed_port(netns.client, netns.CLIENT_ADDR, lst, 1, "abort", port=port)  # at once
-            time.sleep(0.3)
+            took = time.monotonic() - t0
             d = meter.delta()
     finally:
         probes.set_windows(60.0, 1.0)
     assert late.opened == {"active": 2, "passive": 2} and late.port_reuse == {}
+    assert took < window, f"the reconnect took {took:.2f} s, past the window: no test of 'within'"
     assert d.port_reuse == {"client": 1, "server": 1}
 
 
@@ -129,15 +134,18 @@ def test_on_path_resets_after_the_handshake(netns, probes, meter, on_path_reject
     assert got.count == N
 
 
-def test_offenders_of_refused_connects(netns, probes):
+def test_offenders_of_refused_connects(netns, probes, layout):
     closed = 10  # nothing listens there
     traffic.refused(netns.client, netns.SERVER_ADDR, closed, N)
     time.sleep(0.3)
     found = peers(probes)
     # The server's kernel answered the client's SYNs to its closed port: the client's address and
-    # our port, not the client's ephemeral ports (one entry, not N).
-    sent = one(found, kind="reset_sent", remote=netns.CLIENT_ADDR, local_port=closed)
-    assert sent.remote_port is None and sent.count == N and sent.pid is None
+    # our port, not the client's ephemeral ports (one entry, not N). 5.10 has no signal for them.
+    if layout.nosock_resets_source:
+        sent = one(found, kind="reset_sent", remote=netns.CLIENT_ADDR, local_port=closed)
+        assert sent.remote_port is None and sent.count == N and sent.pid is None
+    else:
+        assert not [p for p in found if p.kind == "reset_sent" and p.local_port == closed]
     received = one(found, kind="reset_received", remote=netns.SERVER_ADDR, remote_port=closed)
     assert received.local_port is None and received.count == N and received.pid == os.getpid()
     failed = one(found, kind="connect_failure", remote=netns.SERVER_ADDR, remote_port=closed)
@@ -146,7 +154,7 @@ def test_offenders_of_refused_connects(netns, probes):
     assert time.time() - failed.first_seen < 60
 
 
-def test_an_offender_silent_for_the_idle_time_counts_again(netns, probes):
+def test_an_offender_silent_for_the_idle_time_counts_again(netns, probes, layout):
     closed = 11
     probes.set_windows(60.0, 1.0, offender_idle=0.3)
     try:
@@ -159,5 +167,8 @@ def test_an_offender_silent_for_the_idle_time_counts_again(netns, probes):
     finally:
         probes.set_windows(60.0, 1.0)
     # The first 3 are an old run: the entry shows the 2 since the gap, from after it.
-    sent = one(found, kind="reset_sent", remote=netns.CLIENT_ADDR, local_port=closed)
-    assert sent.count == 2 and sent.first_seen > t_gap
+    failed = one(found, kind="connect_failure", remote=netns.SERVER_ADDR, remote_port=closed)
+    assert failed.count == 2 and failed.first_seen > t_gap
+    if layout.nosock_resets_source:
+        sent = one(found, kind="reset_sent", remote=netns.CLIENT_ADDR, local_port=closed)
+        assert sent.count == 2 and sent.first_seen > t_gap

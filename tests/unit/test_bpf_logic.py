@@ -34,6 +34,7 @@ HARNESS = textwrap.dedent("""
     int early_reset(unsigned long long est, unsigned long long now, unsigned long long within, int flags)
     { return tcpstate_early_reset(est, now, within, flags); }
     int sock_role(int flags) { return tcpstate_sock_role(flags); }
+    int unmap(unsigned char *s, unsigned char *d) { return tcpstate_unmap(s, d); }
     int offender_keep(int kind, int has_sk, int tracked, int flags, int state)
     { return tcpstate_offender_keep(kind, has_sk, tracked, flags, state); }
 
@@ -333,3 +334,20 @@ def test_role_of_a_socket(logic):
     assert ROLES[logic.sock_role(PASSIVE)] == "server"
     assert ROLES[logic.sock_role(PASSIVE | RESET_SEEN)] == "server"
     assert ROLES[logic.sock_role(0)] == ROLES[logic.sock_role(RESET_SEEN)] == "client"
+
+
+def v6(text):
+    import ipaddress
+
+    return (ctypes.c_uint8 * 16)(*ipaddress.IPv6Address(text).packed)
+
+
+def test_addresses_without_a_family_field(logic):
+    """5.10's tcp_receive_reset and tcp_destroy_sock: an IPv4 socket's addresses come v4-mapped."""
+    s, d = v6("::ffff:198.18.0.1"), v6("::ffff:198.18.0.2")
+    assert logic.unmap(s, d) == 2
+    assert bytes(s) == bytes([198, 18, 0, 1]) + bytes(12) and bytes(d) == bytes([198, 18, 0, 2]) + bytes(12)
+    s, d = v6("::1"), v6("::1")
+    assert logic.unmap(s, d) == 10 and bytes(s) == bytes(v6("::1"))
+    s, d = v6("::ffff:198.18.0.1"), v6("2001:db8::1")  # only one side mapped: a real IPv6 pair
+    assert logic.unmap(s, d) == 10 and bytes(s) == bytes(v6("::ffff:198.18.0.1"))

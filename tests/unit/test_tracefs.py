@@ -1,33 +1,48 @@
-"""Tracepoint format parsing and layout detection, from formats recorded on a 6.18 kernel and an older layout."""
+"""Tracepoint format parsing and layout detection on the formats captured from each kernel of the matrix.
+
+tests/unit/data/kernels/KERNEL/ holds the formats `make test-kernels` saw in Debian's 5.10, 6.1 and
+6.12 (tests/vm/kernels.py --save-formats) and this machine's 6.18; refresh them with that command.
+"""
 
 import shutil
 from pathlib import Path
 
-from monitor.tracefs import detect_layout, parse_format, parse_reason_names
+import pytest
 
-DATA = Path(__file__).parent / "data"
+from monitor.tracefs import BTF_OFFSETS, detect_layout, parse_format, parse_reason_names
+
+DATA = Path(__file__).parent / "data" / "kernels"
+KERNELS = ("5.10", "6.1", "6.12", "6.18")
+GROUPS = {"inet_sock_set_state": "sock", "inet_sk_error_report": "sock", "kfree_skb": "skb"}
+FAKE_OFFSETS = dict(zip(BTF_OFFSETS, (284, 192, 180, 178)))  # what a kernel's BTF gives (6.18's values)
 
 
-def make_tracefs(tmp_path, files):
-    """A fake tracefs root holding the given (group, name, data file) formats."""
-    for group, name, src in files:
-        d = tmp_path / "events" / group / name
+def kernel_tracefs(tmp_path: Path, kernel: str, skip: tuple = ()) -> str:
+    """A fake tracefs root holding one kernel's captured formats."""
+    for f in sorted((DATA / kernel).glob("*.format")):
+        name = f.stem
+        if name in skip:
+            continue
+        d = tmp_path / "events" / GROUPS.get(name, "tcp") / name
         d.mkdir(parents=True)
-        shutil.copy(DATA / src, d / "format")
+        shutil.copy(f, d / "format")
     return str(tmp_path)
 
 
-ALL_618 = [
-    ("sock", "inet_sock_set_state", "6.18-inet_sock_set_state.format"),
-    ("tcp", "tcp_send_reset", "6.18-tcp_send_reset.format"),
-    ("tcp", "tcp_receive_reset", "6.18-tcp_receive_reset.format"),
-    ("sock", "inet_sk_error_report", "6.18-inet_sk_error_report.format"),
-    ("tcp", "tcp_destroy_sock", "6.18-tcp_destroy_sock.format"),
-]
+def layout_of(tmp_path, kernel, btf=True, skip=()):
+    """Every kernel of the matrix has BTF; btf=False is what a kernel without it gets."""
+    return detect_layout(kernel_tracefs(tmp_path, kernel, skip), btf_path=None, offsets=FAKE_OFFSETS if btf else None)
+
+
+def test_every_kernel_has_its_fixtures():
+    for kernel in KERNELS:
+        names = {f.stem for f in (DATA / kernel).glob("*.format")}
+        assert {"inet_sock_set_state", "tcp_send_reset", "tcp_receive_reset", "tcp_destroy_sock",
+                "kfree_skb", "tcp_retransmit_skb", "tcp_retransmit_synack"} <= names, kernel
 
 
 def test_parse_fields_and_arrays():
-    fmt = parse_format((DATA / "6.18-tcp_send_reset.format").read_text())
+    fmt = parse_format((DATA / "6.18" / "tcp_send_reset.format").read_text())
     assert fmt.name == "tcp_send_reset"
     assert list(fmt.fields) == ["skbaddr", "skaddr", "state", "reason", "saddr", "daddr"]
     assert fmt.fields["saddr"].array_len == 28 and fmt.fields["saddr"].offset == 32
@@ -35,7 +50,7 @@ def test_parse_fields_and_arrays():
 
 
 def test_reason_names_from_print_fmt():
-    names = parse_reason_names(parse_format((DATA / "6.18-tcp_send_reset.format").read_text()).print_fmt)
+    names = parse_reason_names(parse_format((DATA / "6.18" / "tcp_send_reset.format").read_text()).print_fmt)
     assert names[0] == "NOT_SPECIFIED"
     assert names[1] == "NO_SOCKET"
     assert names[14] == "TCP_STATE"
@@ -43,42 +58,111 @@ def test_reason_names_from_print_fmt():
     assert len(names) == 26
 
 
-def test_detect_618_layout(tmp_path):
-    layout = detect_layout(make_tracefs(tmp_path, ALL_618))
-    assert layout.send_reset_variant == "sockaddr"
+# kernel -> (tcp_send_reset layout, which layouts carry family, where resets sent for no socket and
+# failed-connect causes come from with BTF, and without it)
+EXPECTED = {
+    "5.10": ("legacy-nofamily", set(), None, "sock.sk_err", None),
+    "6.1": ("legacy", {"tcp_receive_reset", "tcp_destroy_sock"}, "skb:kfree_skb", "sock.sk_err",
+            "sock:inet_sk_error_report"),
+    "6.12": ("sockaddr", {"tcp_receive_reset", "tcp_destroy_sock"}, "tcp:tcp_send_reset", "sock.sk_err",
+             "sock:inet_sk_error_report"),
+    "6.18": ("sockaddr", {"tcp_receive_reset", "tcp_destroy_sock"}, "tcp:tcp_send_reset", "sock.sk_err",
+             "sock:inet_sk_error_report"),
+}
+
+
+def source(layout, name):
+    (sig,) = [s for s in layout.signals() if s.name == name]
+    return sig.source and sig.source.split(" ")[0]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_layout_of_each_kernel(tmp_path, kernel):
+    variant, with_family, nosock, failures, failures_without_btf = EXPECTED[kernel]
+    layout = layout_of(tmp_path / "btf", kernel)
+    assert layout.send_reset_variant == variant
+    assert {n for n in ("tcp_receive_reset", "tcp_destroy_sock") if layout.has_field(n, "family")} == with_family
     assert all(layout.usable(n) for n in ("inet_sock_set_state", "tcp_send_reset", "tcp_receive_reset",
-                                          "inet_sk_error_report", "tcp_destroy_sock"))
+                                          "tcp_destroy_sock"))
+    assert source(layout, "resets sent for no socket") == nosock
+    assert source(layout, "failed-connect causes") == failures
+    assert all(s.source for s in layout.signals() if s.name != "resets sent for no socket")
+    bare = layout_of(tmp_path / "nobtf", kernel, btf=False)
+    assert source(bare, "failed-connect causes") == failures_without_btf
+    assert source(bare, "resets sent for no socket") == (nosock if nosock == "tcp:tcp_send_reset" else None)
+
+
+def test_cflags_of_5_10(tmp_path):
+    """The oldest layout: no family anywhere but set_state, no error report, no drop reasons."""
+    layout = layout_of(tmp_path, "5.10")
     assert layout.cflags() == [
-        "-DTCPSTATE_HAVE_TCP_SEND_RESET", "-DTCPSTATE_HAVE_TCP_RECEIVE_RESET",
-        "-DTCPSTATE_HAVE_INET_SK_ERROR_REPORT", "-DTCPSTATE_HAVE_TCP_DESTROY_SOCK",
-        "-DTCPSTATE_SEND_RESET_SOCKADDR", "-DTCPSTATE_SEND_RESET_HAS_STATE", "-DTCPSTATE_SEND_RESET_HAS_REASON",
+        "-DTCPSTATE_HAVE_TCP_SEND_RESET", "-DTCPSTATE_HAVE_TCP_RECEIVE_RESET", "-DTCPSTATE_HAVE_TCP_DESTROY_SOCK",
+        "-DTCPSTATE_SEND_RESET_HAS_STATE", "-DTCPSTATE_SK_ERR_AT=284",
     ]
+    assert layout.probe_states() == {"sock:inet_sock_set_state": True, "tcp:tcp_send_reset": True,
+                                     "tcp:tcp_receive_reset": True, "tcp:tcp_destroy_sock": True}
+    assert layout.describe("kfree_skb") == "no drop reason (before 5.17)"
+    (nosock,) = [s for s in layout.signals() if s.name == "resets sent for no socket"]
+    assert "from 6.10" in nosock.missing and "before 5.17" in nosock.missing
 
 
-def test_detect_legacy_send_reset(tmp_path):
-    # Hand-written from the pre-6.10 layout (sport/dport/family fields, state, no reason).
-    files = [ALL_618[0], ("tcp", "tcp_send_reset", "legacy-tcp_send_reset.format")]
-    layout = detect_layout(make_tracefs(tmp_path, files))
-    assert layout.send_reset_variant == "legacy"
-    assert layout.reason_names == {}
-    flags = layout.cflags()
-    assert "-DTCPSTATE_SEND_RESET_HAS_FAMILY" in flags and "-DTCPSTATE_SEND_RESET_HAS_STATE" in flags
-    assert "-DTCPSTATE_SEND_RESET_HAS_REASON" not in flags and "-DTCPSTATE_SEND_RESET_SOCKADDR" not in flags
-    assert not layout.usable("tcp_receive_reset")
-    assert "-DTCPSTATE_HAVE_TCP_RECEIVE_RESET" not in flags
+def test_cflags_of_6_1(tmp_path):
+    """Resets for no socket from kfree_skb, read at the format's offsets; the drop reason's number
+    from its print fmt (it differs between kernels)."""
+    layout = layout_of(tmp_path, "6.1")
+    kfree = layout.formats["kfree_skb"].fields
+    no_socket = layout.drop_reasons["NO_SOCKET"]
+    assert layout.cflags() == [
+        "-DTCPSTATE_HAVE_TCP_SEND_RESET", "-DTCPSTATE_HAVE_TCP_RECEIVE_RESET", "-DTCPSTATE_HAVE_TCP_DESTROY_SOCK",
+        "-DTCPSTATE_SEND_RESET_HAS_FAMILY", "-DTCPSTATE_SEND_RESET_HAS_STATE",
+        "-DTCPSTATE_RECEIVE_RESET_HAS_FAMILY", "-DTCPSTATE_DESTROY_SOCK_HAS_FAMILY", "-DTCPSTATE_SK_ERR_AT=284",
+        "-DTCPSTATE_NOSOCK_RESETS_FROM_KFREE_SKB", f"-DTCPSTATE_KFREE_SKB_SKBADDR_AT={kfree['skbaddr'].offset}",
+        f"-DTCPSTATE_KFREE_SKB_REASON_AT={kfree['reason'].offset}", f"-DTCPSTATE_DROP_NO_SOCKET={no_socket}",
+        "-DTCPSTATE_SKB_HEAD_AT=192", "-DTCPSTATE_SKB_NETWORK_HEADER_AT=180", "-DTCPSTATE_SKB_TRANSPORT_HEADER_AT=178",
+    ]
+    assert layout.probe_states()["skb:kfree_skb"] is True and "sock:inet_sk_error_report" not in layout.probe_states()
+    assert layout.reason_names == {1: "NO_SOCKET"}  # the label 6.10+ kernels give such resets
+
+
+def test_cflags_of_6_18(tmp_path):
+    layout = layout_of(tmp_path, "6.18")
+    assert layout.cflags() == [
+        "-DTCPSTATE_HAVE_TCP_SEND_RESET", "-DTCPSTATE_HAVE_TCP_RECEIVE_RESET", "-DTCPSTATE_HAVE_TCP_DESTROY_SOCK",
+        "-DTCPSTATE_SEND_RESET_SOCKADDR", "-DTCPSTATE_SEND_RESET_HAS_STATE", "-DTCPSTATE_SEND_RESET_HAS_REASON",
+        "-DTCPSTATE_RECEIVE_RESET_HAS_FAMILY", "-DTCPSTATE_DESTROY_SOCK_HAS_FAMILY", "-DTCPSTATE_SK_ERR_AT=284",
+    ]
+    assert "skb:kfree_skb" not in layout.probe_states()  # tcp_send_reset reports resets for no socket itself
+    bare = layout_of(tmp_path / "bare", "6.18", btf=False)
+    assert "-DTCPSTATE_HAVE_INET_SK_ERROR_REPORT" in bare.cflags()
+    assert bare.probe_states()["sock:inet_sk_error_report"] is True
+
+
+def test_a_missing_tracepoint_is_named_with_what_it_costs(tmp_path):
+    layout = layout_of(tmp_path, "6.1", skip=("tcp_receive_reset",))
+    assert layout.probe_states()["tcp:tcp_receive_reset"] is False
     assert layout.describe("tcp_receive_reset") == "missing on this kernel"
+    assert "-DTCPSTATE_HAVE_TCP_RECEIVE_RESET" not in layout.cflags()
+    (received,) = [s for s in layout.signals() if s.name == "resets received"]
+    assert received.source is None and "not counted" in received.missing
 
 
 def test_unknown_layout_is_not_used(tmp_path):
-    root = make_tracefs(tmp_path, ALL_618[:1])
+    root = kernel_tracefs(tmp_path, "6.18", skip=("tcp_receive_reset",))
     d = Path(root, "events", "tcp", "tcp_receive_reset")
     d.mkdir(parents=True)
     (d / "format").write_text("name: tcp_receive_reset\nformat:\n\tfield:int foo;\toffset:8;\tsize:4;\tsigned:1;\n")
-    layout = detect_layout(root)
+    layout = detect_layout(root, btf_path=None)
     assert not layout.usable("tcp_receive_reset")
     assert "layout not understood" in layout.describe("tcp_receive_reset")
 
 
 def test_missing_set_state_is_reported(tmp_path):
-    layout = detect_layout(make_tracefs(tmp_path, ALL_618[1:]))
+    layout = detect_layout(kernel_tracefs(tmp_path, "6.18", skip=("inet_sock_set_state",)), btf_path=None)
     assert not layout.usable("inet_sock_set_state")
+    (transitions,) = [s for s in layout.signals() if s.name == "transitions"]
+    assert transitions.source is None
+
+
+def test_btf_missing_is_said(tmp_path):
+    layout = detect_layout(kernel_tracefs(tmp_path, "6.18"), btf_path=str(tmp_path / "no-vmlinux"))
+    assert layout.offsets == {} and "cannot read" in layout.btf_problem

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -203,9 +204,14 @@ def boot(kernel: Kernel, tree: Path, out: Path, pytest_args: list[str], cpus: in
     out.mkdir(parents=True)
     vng = Path(sys.executable).parent / "vng"
     env = dict(os.environ, PATH=f"{vng.parent}:{os.environ.get('PATH', '')}")
+    # The second 9p export of / ("fastroot") is mounted with caching by guest.sh.
+    fastroot = ("-fsdev local,id=fastroot,path=/,security_model=none,readonly=on,multidevs=remap "
+                "-device virtio-9p-pci,fsdev=fastroot,mount_tag=fastroot")
     cmd = [str(vng), "--run", str(tree / "boot" / f"vmlinuz-{kver}"), "--disable-kvm", "--force-9p",
            "--cpus", str(cpus), "--memory", memory, "--rwdir", str(out), "--cwd", str(REPO),
-           "--exec", " ".join(["/bin/bash", str(REPO / "tests" / "vm" / "guest.sh"), str(out), *pytest_args])]
+           f"--qemu-opts={fastroot}",
+           "--exec", shlex.join(["/bin/bash", str(REPO / "tests" / "vm" / "guest.sh"), str(out), str(tree),
+                                 *pytest_args])]
     say(f"{kernel.name}: booting {kver} (TCG, {cpus} vCPUs, {memory})")
     t0 = time.monotonic()
     (out / "host-start").write_text(f"{time.time()}\n")
@@ -233,6 +239,37 @@ def boot(kernel: Kernel, tree: Path, out: Path, pytest_args: list[str], cpus: in
     if (out / "junit.xml").is_file():
         read_junit(out / "junit.xml", result)
     return result
+
+
+FIXTURES = REPO / "tests" / "unit" / "data" / "kernels"
+# The tracepoints tcpstate reads, or could (guest.sh copies all of sock/ and tcp/ and skb/kfree_skb).
+FIXTURE_TRACEPOINTS = ("sock/inet_sock_set_state", "sock/inet_sk_error_report", "tcp/tcp_send_reset",
+                       "tcp/tcp_receive_reset", "tcp/tcp_destroy_sock", "tcp/tcp_retransmit_skb",
+                       "tcp/tcp_retransmit_synack", "skb/kfree_skb")
+
+
+def save_formats(src: Path, dest: Path) -> int:
+    """Replace dest's *.format files with src's fixture tracepoints (the unit tests' data for one kernel)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob("*.format"):
+        old.unlink()
+    n = 0
+    for tp in FIXTURE_TRACEPOINTS:
+        f = src / f"{tp.split('/')[1]}.format"
+        if f.is_file():
+            shutil.copyfile(f, dest / f.name)
+            n += 1
+    return n
+
+
+def host_formats(into: Path) -> Path:
+    """The running kernel's formats, collected as guest.sh does."""
+    into.mkdir(parents=True, exist_ok=True)
+    for tp in FIXTURE_TRACEPOINTS:
+        f = Path("/sys/kernel/tracing/events", tp, "format")
+        if f.is_file():
+            shutil.copyfile(f, into / f"{f.parent.name}.format")
+    return into
 
 
 def report(results: list[Result], out_root: Path) -> str:
@@ -265,6 +302,8 @@ def main(argv=None) -> int:
                     help="Per-kernel results: junit.xml, pytest.log, console.log (default: %(default)s).")
     ap.add_argument("--refresh", action="store_true", help="Look for newer kernels in the archive.")
     ap.add_argument("--fetch-only", action="store_true", help="Fetch and unpack; boot nothing.")
+    ap.add_argument("--save-formats", action="store_true",
+                    help=f"Copy each guest's tracepoint formats, and the running kernel's, into {FIXTURES.relative_to(REPO)}/.")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--memory", default="3G")
     ap.add_argument("--timeout", type=float, default=1500, help="Seconds per kernel before the guest is stopped.")
@@ -295,6 +334,14 @@ def main(argv=None) -> int:
         r = boot(k, trees[k.name], args.out / k.name, args.pytest_args, args.cpus, args.memory, args.timeout)
         say(f"{k.name}: {r.passed} passed, {r.failed + r.errors} failed, {r.skipped} skipped in {r.wall_seconds:.0f} s")
         results.append(r)
+        if args.save_formats:
+            n = save_formats(args.out / k.name / "formats", FIXTURES / k.name)
+            say(f"{k.name}: {n} formats saved in {FIXTURES / k.name}")
+    if args.save_formats:
+        release = os.uname().release
+        host = ".".join(release.split(".")[:2])
+        n = save_formats(host_formats(args.out / "host-formats"), FIXTURES / host)
+        say(f"{host} (this host, {release}): {n} formats saved in {FIXTURES / host}")
     text = report(results, args.out)
     print(text)
     (args.out / "report.md").write_text(text + "\n")
