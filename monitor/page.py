@@ -113,7 +113,7 @@ def time_wait_lines(ns: dict | None) -> tuple:
         return "no poll yet", ""
     tw = ns["time_wait"]
     share = f" ({tw['sockets'] / tw['limit']:.1%})" if tw["limit"] else ""
-    ports = " ".join(f"{p['side'][0]}:{p['port']}×{p['time_wait']}" for p in tw["top_ports"][:4])
+    ports = " ".join(f"{p['side'][0]}:{p['port']}×{p['time_wait']}" for p in tw["top_ports"][:3])
     return f"limit {tw['limit']}{share}", f"top ports {ports}" if ports else "no ports"
 
 

@@ -75,7 +75,7 @@ function timeWaitLines(ns) {
   if (!ns) return ["no poll yet", ""];
   const tw = ns.time_wait;
   const share = tw.limit ? ` (${((100 * tw.sockets) / tw.limit).toFixed(1)}%)` : "";
-  const ports = tw.top_ports.slice(0, 4).map((p) => `${p.side[0]}:${p.port}×${p.time_wait}`).join(" ");
+  const ports = tw.top_ports.slice(0, 3).map((p) => `${p.side[0]}:${p.port}×${p.time_wait}`).join(" ");
   return [`limit ${tw.limit}${share}`, ports ? `top ports ${ports}` : "no ports"];
 }
 
