@@ -156,6 +156,7 @@ def _namespace(label: str, ns) -> dict:
 
 
 def _anomaly(event) -> dict:
+    as_event = event.as_dict()  # value and threshold rounded as in the event stream
     return {"kind": event.kind, "severity": event.severity, "since": event.time, "summary": event.summary,
-            "value": event.as_dict()["value"], "threshold": event.as_dict()["threshold"],
+            "value": as_event["value"], "threshold": as_event["threshold"],
             "top_offenders": event.details.get("top_offenders")}

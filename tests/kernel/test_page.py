@@ -16,7 +16,7 @@ from monitor.summary import FIGURE_TRANSITIONS
 from . import traffic
 from ..browser import CHROMIUM, Browser
 from .daemon import Daemon
-from .netns import NetnsPair, netns_path
+from .netns import fresh_pair, netns_path
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make setup installs it)")
 
@@ -59,11 +59,9 @@ READ_PAGE = """(() => {
 
 @pytest.fixture(scope="module")
 def pair():
-    p = NetnsPair("pg")
-    p.down()
-    p.up()
-    yield p
-    p.down()
+    """Namespaces of this test alone: the TIME_WAIT count it checks is exact in them."""
+    with fresh_pair("pg") as p:
+        yield p
 
 
 def metric_deltas(after: dict, before: dict, name: str) -> dict:
