@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 NATIVE := monitor/_tally.so
 ARGS ?=
 
-.PHONY: setup host run test unit kernel check bench bench-state clean install uninstall image test-kernels
+.PHONY: setup host run test unit kernel check bench bench-state clean install uninstall image test-kernels screenshot
 
 setup: host $(STAMP) $(NATIVE)
 
@@ -56,6 +56,12 @@ bench: setup
 # CPU time of a socket-table poll at 1k, 10k and 130k TIME_WAIT sockets (root; namespaces).
 bench-state: setup
 	$(VENV)/bin/python tests/load/statepoll_bench.py
+
+# docs/tcpstate-page.png, README's picture of the page: taken by the page's browser test under its
+# traffic (root; namespaces; about 30 s).
+screenshot: setup
+	@mkdir -p docs
+	TCPSTATE_SCREENSHOT=$(CURDIR)/docs/tcpstate-page.png $(VENV)/bin/python -m pytest -q tests/kernel/test_page.py
 
 # The PrometheusRule carries deploy/prometheus/alerts.yml; tests/unit/test_kubernetes.py fails when they differ.
 deploy/kubernetes/prometheusrule.yaml: deploy/prometheus/alerts.yml deploy/kubernetes/gen-prometheusrule.py

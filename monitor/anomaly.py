@@ -308,7 +308,7 @@ class TimeWaitBuildup(Detector):
         score, what, value, threshold, label, extra = max(findings, key=lambda f: f[0])
         details = {"netns": label, **extra, "namespaces": {
             lbl: {"time_wait": ns.sockets.get("TIME_WAIT", 0), "time_wait_limit": ns.limits.time_wait_max,
-                  "top_time_wait_ports": _top_ports(ns.time_wait_ports),
+                  "top_time_wait_ports": top_time_wait_ports(ns.time_wait_ports),
                   "top_remote_endpoints": [{"remote": e.remote, "time_wait": e.time_wait, "other": e.other,
                                             "utilization": _round(e.forecast.utilization) if e.forecast else None}
                                            for e in ns.endpoints[:5]]}
@@ -318,7 +318,7 @@ class TimeWaitBuildup(Detector):
                        f"{what} ({'over' if breach else 'under'} the threshold {threshold:g})", details)
 
 
-def _top_ports(ports: tuple, n: int = 5) -> list:
+def top_time_wait_ports(ports: tuple, n: int = 5) -> list:
     """The first n ports per side of the poll's TIME_WAIT ports (statepoll.top_ports: busiest
     first, ties by lower port), "other" left out."""
     out = []

@@ -183,9 +183,10 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
         web_config_path, user):
     """Run the daemon: attach the tracepoints and serve /metrics.
 
-    Serves / (a landing page), /metrics, /-/healthy, and /-/ready (200 once every
-    available probe is attached). SIGTERM or SIGINT detaches everything and exits 0;
-    SIGHUP re-reads --config (a file that does not load keeps the config in use).
+    Serves / (the live TCP state machine: transition rates, sockets per state, resets,
+    anomalies), /api/v1/summary (the same as JSON), /metrics, /-/healthy, and /-/ready
+    (200 once every available probe is attached). SIGTERM or SIGINT detaches everything
+    and exits 0; SIGHUP re-reads --config (a file that does not load keeps the config in use).
     Once attached, the daemon drops every capability it no longer needs (and becomes
     --user if given) and, under systemd (Type=notify), reports ready.
     Socket counts by state, TIME_WAIT by port and the port-exhaustion forecast come
@@ -207,7 +208,7 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
       sudo tcpstate run --set rst_storm.rate=50 --events-webhook http://127.0.0.1:9000/hook
       sudo tcpstate run --user nobody --web-config-file /etc/tcpstate/web-config.yml
     """
-    from . import anomaly, memory, notify, offenders, privileges, sdnotify, webconfig
+    from . import anomaly, memory, notify, offenders, privileges, sdnotify, summary, webconfig
     from .aggregator import aggregate
     from .collector import TcpstateCollector
     from .probes import bcc_version
@@ -281,8 +282,10 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
         poller.start()
         webhook = notify.Webhook(events_webhook) if events_webhook else None
         detectors = anomaly.build(detector_cfg)
-        engine = anomaly.Engine(detectors, lambda: aggregate(probes.read(), layout.reason_names), poller.results,
-                                [events_out] + ([webhook] if webhook else []),
+        # The page's rates come from the engine's one read per tick: no read of the maps of its own.
+        sampler, firing = summary.Sampler(), summary.ActiveEvents()
+        engine = anomaly.Engine(detectors, lambda: sampler.observe(aggregate(probes.read(), layout.reason_names)),
+                                poller.results, [events_out, firing] + ([webhook] if webhook else []),
                                 detector_cfg["anomaly"]["interval_seconds"],
                                 read_offenders=lambda: offenders.decode(probes.read_offenders(), time.time(),
                                                                         time.monotonic_ns()),
@@ -290,6 +293,9 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
         registry.register(AnomalyCollector(list(anomaly.DETECTORS), engine.fired, engine.active, webhook))
         registry.register(ReloadCollector(lambda: dict(reloads)))
         engine.start()
+        kernel = summary.kernel_info(platform.release(), layout, probes.attached)
+        exporter.summary = lambda: summary.build(sampler.span(), poller.results(), firing.events(), kernel, filters,
+                                                 __version__)
         log.info("anomaly detectors: %s", ", ".join(d.kind for d in detectors) or "none")
         exporter.ready.set()
         scheme = web.scheme if web else "http"

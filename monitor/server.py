@@ -1,8 +1,9 @@
-"""server.py: the HTTP endpoints: / (landing page), /metrics, /-/healthy and /-/ready; TLS and basic auth from a web config."""
+"""server.py: the HTTP endpoints: / (the live state machine), /api/v1/summary, /metrics, /-/healthy and /-/ready; TLS and basic auth from a web config."""
 
 from __future__ import annotations
 
 import html
+import json
 import logging
 import os
 import socket
@@ -11,21 +12,25 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from . import __version__
+from . import __version__, page
 from .config import ListenAddress
 from .webconfig import WebConfig, WebConfigError
 
 log = logging.getLogger(__name__)
 
+# Until the probes are attached there is no state machine to draw: / shows this instead.
 LANDING = """<!doctype html>
 <html><head><meta charset="utf-8"><title>tcpstate</title></head>
 <body>
 <h1>tcpstate {version}</h1>
-<p>Live TCP connection states, resets and failed connects, counted in the kernel.</p>
+<p>Live TCP connection states, resets and failed connects, counted in the kernel. The live state
+machine appears here once the probes are attached.</p>
 <ul>
 <li><a href="/metrics">/metrics</a>: Prometheus metrics</li>
 <li><a href="/-/healthy">/-/healthy</a>: 200 while the process serves</li>
@@ -41,6 +46,8 @@ PAUSE_GRACE = 2.0  # seconds pause() lets requests being answered finish before 
 REQUEST_TIMEOUT = 30.0  # seconds any one read or write of a request may stall
 # What Go's net/http answers on a TLS port to a plain-HTTP request (the toolkit's servers).
 PLAIN_HTTP_REFUSAL = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+PAGE_HEADERS = {"Content-Security-Policy": page.CSP, "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer"}
 
 
 class ServerError(RuntimeError):
@@ -81,11 +88,32 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(503, b"probes not attached yet\n", "text/plain")
         elif path == "/":
-            page = LANDING.format(version=__version__, ready="ready" if app.ready.is_set() else "not ready",
-                                  filters=html.escape(app.filters_text))
-            self._send(200, page.encode(), "text/html; charset=utf-8")
+            self._page(app, self.path.partition("?")[2])
+        elif path == "/api/v1/summary":
+            if app.summary is None:
+                self._send(503, b'{"error": "probes not attached yet"}\n', "application/json")
+                return
+            try:
+                body = json.dumps(app.summary(), separators=(",", ":"), allow_nan=False).encode()
+            except Exception:
+                log.exception("summary failed")
+                self._send(500, b'{"error": "summary failed"}\n', "application/json")
+                return
+            self._send(200, body, "application/json", {"Cache-Control": "no-store"})
+        elif (static := page.asset(path)) is not None:
+            self._send(200, static[0], static[1], PAGE_HEADERS)
         else:
             self._send(404, b"not found\n", "text/plain")
+
+    def _page(self, app: "Exporter", query: str) -> None:
+        ready = app.ready.is_set()
+        if app.summary is None:
+            body = LANDING.format(version=__version__, ready="ready" if ready else "not ready",
+                                  filters=html.escape(app.filters_text))
+        else:
+            netns = parse_qs(query).get("netns", [""])[0]
+            body = page.render(app.summary(), netns, ready)
+        self._send(200, body.encode(), "text/html; charset=utf-8", dict(PAGE_HEADERS, **{"Cache-Control": "no-store"}))
 
     def _send(self, code: int, body: bytes, content_type: str, extra: dict | None = None) -> None:
         self.send_response(code)
@@ -249,6 +277,8 @@ class Exporter:
         self.registry = registry
         self.filters_text = filters_text
         self.web_config = web_config
+        # () -> the /api/v1/summary dict (summary.build); set once the probes are attached.
+        self.summary: Callable[[], dict] | None = None
         self.ready = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -61,3 +62,15 @@ class NetnsPair:
     def down(self) -> None:
         for ns in (self.client, self.server):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@contextlib.contextmanager
+def fresh_pair(tag: str):
+    """A NetnsPair of one's own, made anew (a leftover of a killed run goes first) and removed after."""
+    pair = NetnsPair(tag)
+    pair.down()
+    pair.up()
+    try:
+        yield pair
+    finally:
+        pair.down()

@@ -154,10 +154,12 @@ def test_tls_and_basic_auth_with_curl_and_python(conf, serve, pki):
     assert status == 200 and "\ntcpstate_test_total 3.0\n" in body
     assert py_get(url, ctx, "alice", "wrong")[0] == 401
     assert py_get(url, ctx)[0] == 401
-    for path_ in ("/", "/-/healthy", "/-/ready", "/missing"):  # every path needs the password
+    # every path needs the password
+    for path_ in ("/", "/api/v1/summary", "/static/page.js", "/-/healthy", "/-/ready", "/missing"):
         assert py_get(f"https://127.0.0.1:{exp.port}{path_}", ctx)[0] == 401, path_
     assert py_get(f"https://127.0.0.1:{exp.port}/-/healthy", ctx, "alice", PASSWORD) == (200, "OK\n")
     assert py_get(f"https://127.0.0.1:{exp.port}/missing", ctx, "alice", PASSWORD)[0] == 404
+    assert py_get(f"https://127.0.0.1:{exp.port}/static/page.css", ctx, "alice", PASSWORD)[0] == 200
 
 
 def test_the_certificate_is_checked_by_clients(conf, serve, pki):
