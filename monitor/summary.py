@@ -8,7 +8,6 @@ from collections import deque
 
 from .anomaly import top_time_wait_ports
 from .states import STATE_NAMES
-from .tracefs import MISSING_EFFECT, TRACEPOINTS
 
 SCHEMA = 1
 WINDOW_SECONDS = 10.0  # rates cover at least this much of the recent past once the daemon has run that long
@@ -82,16 +81,10 @@ class ActiveEvents:
 
 
 def kernel_info(release: str, layout, attached: dict) -> dict:
-    """What the page says about the kernel, from today's Layout and Probes.attached: one signal per
-    tracepoint, its source when attached, else why it is missing and what that costs."""
-    signals = []
-    for group, name, _required in TRACEPOINTS:
-        tp = f"{group}:{name}"
-        if attached.get(tp):
-            signals.append({"name": tp, "source": f"{tp} ({layout.describe(name)})", "missing": None})
-        else:
-            effect = MISSING_EFFECT.get(name, "tcpstate cannot run without it")
-            signals.append({"name": tp, "source": None, "missing": f"{layout.describe(name)}: {effect}"})
+    """What the page says about the kernel: the tracepoints it needs (attached or not) and, for each
+    count, where it comes from here or, when nothing gives it, what is lost (Layout.signals())."""
+    signals = [{"name": sig.name, "source": sig.source, "missing": None if sig.source else sig.missing}
+               for sig in layout.signals()]
     return {"release": release, "send_reset_layout": layout.send_reset_variant or "none", "probes": dict(attached),
             "signals": signals}
 

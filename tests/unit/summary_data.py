@@ -13,9 +13,9 @@ from monitor.statepoll import NamespaceState, REPORTED_STATES
 T0 = 1_800_000_000.0
 KERNEL = {"release": "6.18.0-test", "send_reset_layout": "sockaddr",
           "probes": {"tcp:tcp_send_reset": True, "sock:inet_sock_set_state": True, "tcp:tcp_receive_reset": False},
-          "signals": [{"name": "sock:inet_sock_set_state", "source": "sock:inet_sock_set_state (ok)", "missing": None},
-                      {"name": "tcp:tcp_receive_reset", "source": None,
-                       "missing": "missing on this kernel: received resets are not counted"}]}
+          "signals": [{"name": "transitions", "source": "sock:inet_sock_set_state", "missing": None},
+                      {"name": "resets received", "source": None,
+                       "missing": "received resets are not counted and resets do not stop TIME_WAIT inference"}]}
 FILTERS = Filters(include_cidrs=(ipaddress.ip_network("198.18.0.0/15"),), include_ports=(80, 443))
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 from monitor import summary
 from monitor.aggregator import Counts
 from monitor.anomaly import Event
-from monitor.tracefs import Layout
+
 
 from .summary_data import FILTERS, KERNEL, T0, counts, inputs
+from .test_tracefs import layout_of
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -111,15 +112,17 @@ def test_active_events_keep_the_firing_event_until_it_resolves():
     assert [e.summary for e in active.events()] == ["connect_failures firing"]
 
 
-def test_kernel_info_from_the_layout_and_the_probes():
-    layout = Layout(formats={"inet_sock_set_state": object(), "tcp_send_reset": None}, send_reset_variant=None)
-    info = summary.kernel_info("6.1.0", layout, {"sock:inet_sock_set_state": True, "tcp:tcp_send_reset": False})
-    assert info["release"] == "6.1.0" and info["send_reset_layout"] == "none"
-    assert info["signals"][0] == {"name": "sock:inet_sock_set_state", "source": "sock:inet_sock_set_state (ok)",
-                                  "missing": None}
-    assert info["signals"][1] == {"name": "tcp:tcp_send_reset", "source": None,
-                                  "missing": "missing on this kernel: sent resets are not counted"}
-    assert len(info["signals"]) == 5
+def test_kernel_info_from_the_layout_and_the_probes(tmp_path):
+    layout = layout_of(tmp_path, "5.10")
+    info = summary.kernel_info("5.10.0-46-amd64", layout, layout.probe_states())
+    assert info["release"] == "5.10.0-46-amd64" and info["send_reset_layout"] == "legacy-nofamily"
+    assert info["probes"] == {"sock:inet_sock_set_state": True, "tcp:tcp_send_reset": True,
+                              "tcp:tcp_receive_reset": True, "tcp:tcp_destroy_sock": True}
+    signals = {s["name"]: s for s in info["signals"]}
+    assert signals["transitions"] == {"name": "transitions", "source": "sock:inet_sock_set_state", "missing": None}
+    nosock = signals["resets sent for no socket"]
+    assert nosock["source"] is None and "not counted" in nosock["missing"]  # what the page shows as degraded
+    assert len(signals) == 6
 
 
 # --- the README's schema ---------------------------------------------------------------------------
