@@ -2,24 +2,18 @@
 PYTHON := /usr/bin/python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-NATIVE := monitor/_tally.so
 ARGS ?=
 
 .PHONY: setup host run test unit kernel check bench bench-state clean install uninstall image test-kernels screenshot
 
-setup: host $(STAMP) $(NATIVE)
-
-# The C counter of socket-table dumps (ctypes; no Python headers needed). Without it the
-# daemon still runs, counting in Python at more CPU per poll, and says so. No fused
-# multiply-add: endpoint ranks must round exactly as Python's do.
-$(NATIVE): monitor/_tally.c
-	gcc -O2 -Wall -Wextra -ffp-contract=off -shared -fPIC -o $@ $<
+setup: host $(STAMP)
 
 host:
 	@bash deploy/setup-host.sh
 
-# bcc comes from the OS (python3-bpfcc), hence --system-site-packages.
-$(STAMP): pyproject.toml
+# bcc comes from the OS (python3-bpfcc), hence --system-site-packages. The install compiles the
+# socket-table counter (setup.py): a change to its C source reinstalls.
+$(STAMP): pyproject.toml setup.py monitor/sockets/_tally.c
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $@
@@ -33,7 +27,7 @@ check: setup
 test: setup
 	$(VENV)/bin/python -m pytest -ra tests
 
-unit: $(STAMP) $(NATIVE)
+unit: $(STAMP)
 	$(VENV)/bin/python -m pytest -ra tests/unit
 
 kernel: setup
@@ -87,7 +81,6 @@ UNIT_SUBST := sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g
 install:
 	@test "$$(id -u)" -eq 0 || { echo "install: must run as root (sudo make install)" >&2; exit 1; }
 	@TCPSTATE_SETUP_MINIMAL=1 TCPSTATE_SETUP_EXTRA=gcc bash deploy/setup-host.sh
-	$(MAKE) --no-print-directory $(NATIVE)
 	@test -x $(PREFIX)/bin/python || $(PYTHON) -m venv --system-site-packages $(PREFIX)
 	$(PREFIX)/bin/pip install -q --disable-pip-version-check --upgrade .
 	install -d $(PREFIX)/share/doc/tcpstate $(BINDIR) $(UNITDIR) $(SYSCONFDIR)/default
@@ -128,4 +121,4 @@ ifeq ($(SYSTEMD_RUNNING),yes)
 endif
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache $(NATIVE)
+	rm -rf $(VENV) *.egg-info .pytest_cache build monitor/sockets/_tally*.so

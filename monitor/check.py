@@ -5,8 +5,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from . import btf, native, probes, tracefs
-from .config import Filters
+from monitor.config import Filters
+from monitor.kernel import btf, probes, tracefs
+from monitor.sockets import tally
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,12 @@ def run_checks() -> list[Item]:
         items.append(Item("FAIL", "kernel headers", str(exc)))
         headers_ok = False
 
-    if native.LIB is not None:
-        items.append(Item("OK", "socket-table counter", f"C helper loaded from {native.LIBRARY}"))
+    if tally.LIB is not None:
+        items.append(Item("OK", "socket-table counter", f"C helper loaded from {tally.LIBRARY}"))
     else:
-        items.append(Item("WARN", "socket-table counter",
-                          f"{native.UNAVAILABLE}: polls fall back to Python, at more CPU (README, Performance)"))
+        items.append(Item("FAIL", "socket-table counter", tally.UNAVAILABLE))
 
-    ready = ok and bcc_ok and headers_ok and layout is not None and layout.usable("inet_sock_set_state")
+    ready = ok and bcc_ok and headers_ok and tally.LIB is not None and layout is not None and layout.usable("inet_sock_set_state")
     for label, variant in COMPILE_VARIANTS:
         if not ready:
             items.append(Item("FAIL", f"test compile, {label}", "skipped: fix the failures above first"))

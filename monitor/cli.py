@@ -12,10 +12,22 @@ import time
 import click
 from prometheus_client import CollectorRegistry
 
-from . import __version__, native
-from .config import (CIDR, DEFAULT_FORECAST_WINDOW, DEFAULT_LISTEN_ADDRESS, DEFAULT_MAX_OFFENDERS, DEFAULT_MAX_SOCKETS,
-                     DEFAULT_RECENT_CLOSES, DEFAULT_STATE_INTERVAL, DEFAULT_TOP_N, LISTEN_ADDRESS, PORT, make_filters)
-from .tracefs import TracefsError, detect_layout, ensure_tracefs
+from monitor import __version__
+from monitor.config import (
+    CIDR,
+    DEFAULT_FORECAST_WINDOW,
+    DEFAULT_LISTEN_ADDRESS,
+    DEFAULT_MAX_OFFENDERS,
+    DEFAULT_MAX_SOCKETS,
+    DEFAULT_RECENT_CLOSES,
+    DEFAULT_STATE_INTERVAL,
+    DEFAULT_TOP_N,
+    LISTEN_ADDRESS,
+    PORT,
+    make_filters,
+)
+from monitor.kernel.tracefs import TracefsError, detect_layout, ensure_tracefs
+from monitor.sockets import tally
 
 log = logging.getLogger("tcpstate")
 
@@ -68,7 +80,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _require_privileges() -> None:
-    from .probes import running_as_privileged
+    from monitor.kernel.probes import running_as_privileged
 
     ok, why = running_as_privileged()
     if not ok:
@@ -95,7 +107,7 @@ def _layout():
 
 
 def _attach(layout, filters, **kwargs):
-    from .probes import ProbeError, Probes
+    from monitor.kernel.probes import ProbeError, Probes
 
     probes = Probes(layout, filters, **kwargs)
     try:
@@ -208,14 +220,21 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
       sudo tcpstate run --set rst_storm.rate=50 --events-webhook http://127.0.0.1:9000/hook
       sudo tcpstate run --user nobody --web-config-file /etc/tcpstate/web-config.yml
     """
-    from . import anomaly, memory, notify, offenders, privileges, sdnotify, summary, webconfig
-    from .aggregator import aggregate
-    from .collector import TcpstateCollector
-    from .probes import bcc_version
-    from .server import Exporter, ServerError
-
-    from .collector import AnomalyCollector, ReloadCollector, StateCollector
-    from .statepoll import StatePoller, Target
+    from monitor.detect import anomaly
+    from monitor.detect import sinks as notify
+    from monitor.kernel import offenders
+    from monitor.kernel.counters import aggregate
+    from monitor.kernel.probes import bcc_version
+    from monitor.serve import summary, webconfig
+    from monitor.serve.collector import (
+        AnomalyCollector,
+        ReloadCollector,
+        StateCollector,
+        TcpstateCollector,
+    )
+    from monitor.serve.http import Exporter, ServerError
+    from monitor.sockets.poller import StatePoller, Target
+    from monitor.system import memory, privileges, sdnotify
 
     detector_cfg = _detector_config(config_path, settings)
     web = None
@@ -248,6 +267,8 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
             raise click.BadParameter(f"{t.path or 'the own namespace'} gives the label {t.label!r} twice",
                                      param_hint="'--netns'")
     _require_privileges()
+    if tally.LIB is None:
+        raise Fatal(f"cannot count socket tables: {tally.UNAVAILABLE}")
     systemd = sdnotify.Notifier()
     registry = CollectorRegistry(auto_describe=False)
     exporter = Exporter(listen_address, registry, filters.describe(), web_config=web)
@@ -273,10 +294,7 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
                                             lambda: probes.attached, build))
         _drop_privileges(exporter, probes, account, netns_paths)
         log.info(memory.release_compiler_memory())
-        if native.LIB is not None:
-            log.info("socket tables: counted in C (%s)", native.LIBRARY)
-        else:
-            log.warning("socket tables: counted in Python, at more CPU per poll (README, Performance): %s", native.UNAVAILABLE)
+        log.info("socket tables: counted by %s", tally.LIBRARY)
         poller = StatePoller(targets, state_interval, top_n, forecast_window)
         registry.register(StateCollector(poller.results, poller.errors, time.time))
         poller.start()
@@ -326,7 +344,12 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
 def _drop_privileges(exporter, probes, account, netns_paths) -> None:
     """Credentials are per thread: the HTTP thread pauses so that the process has one thread
     while they change, and every thread started later inherits the dropped set."""
-    from .privileges import PrivilegeError, ReadsRefused, drop_after_attach, netns_needs
+    from monitor.system.privileges import (
+        PrivilegeError,
+        ReadsRefused,
+        drop_after_attach,
+        netns_needs,
+    )
 
     def reads():
         probes.read()
@@ -351,7 +374,7 @@ def _drop_privileges(exporter, probes, account, netns_paths) -> None:
 def _reload(path, settings, current: dict, engine, probes, reloads: dict) -> dict:
     """SIGHUP: read --config again (with --set on top). A bad file keeps the config in use and
     says why; a good one goes to the detectors and the kernel's windows at once."""
-    from .config import ConfigError, load_detector_config
+    from monitor.config import ConfigError, load_detector_config
 
     if path is None:
         log.info("SIGHUP: no --config file to reload; the thresholds stay as they are")
@@ -382,7 +405,7 @@ def _reload(path, settings, current: dict, engine, probes, reloads: dict) -> dic
 
 
 def _detector_config(path, settings) -> dict:
-    from .config import ConfigError, load_detector_config
+    from monitor.config import ConfigError, load_detector_config
 
     overrides = tuple(x for item in settings for x in item.split())  # the env var is space-separated
     try:
@@ -433,7 +456,7 @@ def check():
     Example:
       sudo tcpstate check
     """
-    from .check import run_checks
+    from monitor.check import run_checks
 
     items = run_checks()
     for item in items:
@@ -460,8 +483,8 @@ def watch(include_cidr, exclude_cidr, include_port, as_json):
       sudo tcpstate watch --include-port 5432 --json | jq .
       sudo tcpstate watch --exclude-cidr 127.0.0.0/8
     """
-    from .events import DecodeError, decode_event
-    from .watch import Clock, json_line, table_header, table_row
+    from monitor.kernel.abi import DecodeError, decode_event
+    from monitor.kernel.watch import Clock, json_line, table_header, table_row
 
     filters = make_filters(include_cidr, exclude_cidr, include_port)
     _require_privileges()

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from monitor.aggregator import aggregate
 from monitor.config import Filters
-from monitor.tracefs import detect_layout, ensure_tracefs
+from monitor.kernel.counters import aggregate
+from monitor.kernel.tracefs import detect_layout, ensure_tracefs
 
 from .netns import NetnsPair
 
@@ -80,7 +80,7 @@ def nosock_resets(layout, n: int) -> dict:
 
 
 def attach(layout, filters: Filters, **kwargs):
-    from monitor.probes import Probes
+    from monitor.kernel.probes import Probes
 
     p = Probes(layout, filters, **kwargs)
     p.attach()

@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 
-from monitor.netns import entered
+from monitor.sockets.netns import entered
 
 
 def ip(*args: str) -> None:

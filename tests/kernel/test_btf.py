@@ -3,7 +3,7 @@
 import re
 import subprocess
 
-from monitor.btf import BTF
+from monitor.kernel.btf import BTF
 
 BPFTOOL = "/usr/sbin/bpftool"
 

@@ -11,8 +11,8 @@ from collections import defaultdict
 
 import pytest
 
-from monitor.states import STATE_NAMES
-from monitor.tracefs import TRACEPOINTS
+from monitor.kernel.tracefs import TRACEPOINTS
+from monitor.tcp import STATE_NAMES
 
 from . import traffic
 from .netns import NetnsPair, ip, netns_path, socket_in

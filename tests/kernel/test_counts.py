@@ -4,9 +4,10 @@ import ipaddress
 import socket
 import struct
 
+from monitor.config import Filters
+
 from . import traffic
 from .conftest import TEST_NET, Meter, attach, nosock_resets
-from monitor.config import Filters
 
 N = 25
 

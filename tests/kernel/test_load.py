@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitor.probes import program_name
-from monitor.tracefs import detect_layout, ensure_tracefs
+from monitor.kernel.probes import program_name
+from monitor.kernel.tracefs import detect_layout, ensure_tracefs
 
 from . import traffic
 from .daemon import Daemon

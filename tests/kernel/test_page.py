@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from monitor.statepoll import REPORTED_STATES
-from monitor.summary import FIGURE_TRANSITIONS
+from monitor.serve.summary import FIGURE_TRANSITIONS
+from monitor.sockets.poller import REPORTED_STATES
 
-from . import traffic
 from ..browser import CHROMIUM, Browser
+from . import traffic
 from .daemon import Daemon
 from .netns import fresh_pair, netns_path
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor import privileges
+from monitor.system import privileges
 
 from . import traffic
 from .netns import NetnsPair, netns_path
@@ -55,7 +55,7 @@ def test_a_kernel_that_wants_cap_bpf_for_map_reads_keeps_only_that():
     """Kernels before 6.5 check CAP_BPF on every bpf() call; the reads here act as such a
     kernel would, and the drop must settle on CAP_BPF alone (in a child: drops are final)."""
     code = textwrap.dedent("""
-        from monitor import privileges
+        from monitor.system import privileges
         def reads():
             eff = privileges.status("/proc/thread-self/status")["CapEff"]
             if not eff & (1 << privileges.CAP_BPF):
@@ -72,7 +72,7 @@ def test_a_kernel_that_wants_cap_bpf_for_map_reads_keeps_only_that():
 
 def test_nothing_is_dropped_when_even_root_cannot_read():
     code = textwrap.dedent("""
-        from monitor import privileges
+        from monitor.system import privileges
         def reads():
             raise PermissionError(1, "Operation not permitted")
         try:

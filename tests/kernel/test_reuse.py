@@ -7,7 +7,7 @@ import struct
 import time
 from pathlib import Path
 
-from monitor import offenders
+from monitor.kernel import offenders
 
 from . import traffic
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from monitor.statepoll import StatePoller, Target
+from monitor.sockets.poller import StatePoller, Target
 
 from . import traffic
 from .netns import NetnsPair, netns_path, ns_exec, socket_in
@@ -200,7 +200,7 @@ def test_vanishing_and_missing_namespaces(caplog):
     poller = StatePoller([Target.own(), Target.from_path(netns_path(name)),
                           Target.from_path("/nonexistent/netns")], interval=1, top_n=3)
     try:
-        with caplog.at_level(logging.INFO, logger="monitor.statepoll"):
+        with caplog.at_level(logging.INFO, logger="monitor.sockets.poller"):
             poller.poll_once()
             assert set(poller.results()) == {"", name}
             subprocess.run(["ip", "netns", "del", name], check=True)
@@ -217,15 +217,15 @@ def test_vanishing_and_missing_namespaces(caplog):
     assert any("/nonexistent/netns" in w for w in warnings)
 
 
-def counts(tally):
-    return (+tally.states, +tally.tw_local, +tally.tw_remote, +tally.remote_time_wait, +tally.remote_other,
-            +tally.remote_recent)
+def counts(t):
+    return (+t.states, +t.port_counts("local"), +t.port_counts("remote"), +t.remote_time_wait, +t.remote_other,
+            +t.remote_recent)
 
 
 def test_one_walk_and_two_walks_agree(pair):
     """The poll dumps all states in one walk when TIME_WAIT dominates, else minisockets and full
     sockets apart: both must count the same sockets."""
-    from monitor import sockdiag
+    from monitor.sockets import sockdiag, tally
 
     from .netns import in_netns
 
@@ -240,9 +240,9 @@ def test_one_walk_and_two_walks_agree(pair):
         for ns in (pair.client, pair.server):
             with in_netns(ns):
                 sock = sockdiag.open_socket()
-            with sock:  # each kind of walk, counted in C and in Python: all the same
-                tallies = [counts(sockdiag.poll(sock, (32768, 60999), use_native=c, **kw))
-                           for kw in ({}, {"one_walk": True}, {"per_family": True}) for c in (True, False)]
+            with sock:  # each kind of walk: all the same
+                tallies = [counts(tally.poll(sock, (32768, 60999), **kw))
+                           for kw in ({}, {"one_walk": True}, {"per_family": True})]
             assert all(t == tallies[0] for t in tallies), ns
             assert tallies[0][0][sockdiag.TIME_WAIT] == ss_count(ns, "time-wait")
             assert tallies[0][0][1] == 3  # ESTABLISHED: the three held connections, each side
@@ -265,7 +265,7 @@ def test_a_listeners_clients_are_no_endpoints():
     the server's namespace, so their clients' addresses and ports are no endpoints there; the
     server's own outbound connection is. In the clients' namespace each service is one
     endpoint holding exactly the connections made to it."""
-    from monitor import sockdiag
+    from monitor.sockets import sockdiag, tally
 
     from .netns import in_netns, ip
 
@@ -322,15 +322,14 @@ def test_a_listeners_clients_are_no_endpoints():
         [ep] = server.endpoints
         assert (ep.remote, ep.time_wait, ep.other) == (f"{p.CLIENT_ADDR}:7000", 0, 1)
 
-        # Every kind of walk, counted in C and in Python: no client is an endpoint.
+        # Every kind of walk: no client is an endpoint.
         with in_netns(p.server):
             sock = sockdiag.open_socket()
         with sock:
             for kw in ({}, {"one_walk": True}, {"per_family": True}):
-                for use_native in (True, False):
-                    t = sockdiag.poll(sock, (40000, 40999), use_native=use_native, **kw)
-                    keys = set(t.remote_time_wait) | set(t.remote_other)
-                    assert [sockdiag.endpoint_label(k) for k in keys] == [f"{p.CLIENT_ADDR}:7000"], (kw, use_native)
+                t = tally.poll(sock, (40000, 40999), **kw)
+                keys = set(t.remote_time_wait) | set(t.remote_other)
+                assert [sockdiag.endpoint_label(k) for k in keys] == [f"{p.CLIENT_ADDR}:7000"], kw
 
         client = poll(p.client, top_n=50)
         by_remote = {e.remote: (e.time_wait, e.other) for e in client.endpoints}

@@ -7,7 +7,6 @@ import struct
 
 from .netns import socket_in
 
-
 # A connection whose client closes first, as tests/load/churn.c makes them: 5 transitions on each end
 # (FIN_WAIT2->CLOSE into TIME_WAIT is counted as FIN_WAIT2->TIME_WAIT).
 CHURN_TRANSITIONS = (("CLOSE", "SYN_SENT"), ("SYN_SENT", "ESTABLISHED"), ("ESTABLISHED", "FIN_WAIT1"),

@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from monitor import native, sockdiag  # noqa: E402
-from monitor.statepoll import StatePoller, Target  # noqa: E402
+from monitor.sockets import sockdiag, tally  # noqa: E402
+from monitor.sockets.poller import StatePoller, Target  # noqa: E402
 
 CASES = ((1000, "IPv4"), (10000, "IPv4"), (130000, "IPv4"), (130000, "IPv6"))
 POLLS = 7
@@ -138,23 +138,19 @@ class ReplaySocket:
 
 
 def counting_only() -> list:
-    """CPU of counting a generated dump (no kernel), in C and in Python, by distinct endpoints."""
+    """CPU of counting a generated dump (no kernel) in C, by distinct endpoints."""
     rows = []
     for family in (socket.AF_INET, socket.AF_INET6):
         for distinct in SYNTH_DISTINCT:
             sock = ReplaySocket(synthetic_dump(distinct, family))
             row = {"family": "IPv4" if family == socket.AF_INET else "IPv6", "distinct": distinct}
-            for name, use_native in (("c", True), ("python", False)):
-                if use_native and native.LIB is None:
-                    continue
-                cpu = []
-                for _ in range(5):
-                    c0 = time.thread_time()
-                    t = sockdiag.poll(sock, (1024, 65535), one_walk=True, recent_ms=30000, top_n=10,
-                                      rank_window=30.0, use_native=use_native)
-                    sorted(t.remote_time_wait.items(), key=lambda kv: -kv[1])  # what summarize() walks
-                    cpu.append((time.thread_time() - c0) * 1e3)
-                row[name] = statistics.median(cpu)
+            cpu = []
+            for _ in range(5):
+                c0 = time.thread_time()
+                t = tally.poll(sock, (1024, 65535), one_walk=True, recent_ms=30000, top_n=10, rank_window=30.0)
+                sorted(t.remote_time_wait.items(), key=lambda kv: -kv[1])  # what summarize() walks
+                cpu.append((time.thread_time() - c0) * 1e3)
+            row["c"] = statistics.median(cpu)
             rows.append(row)
             print(f"counting: {row}", file=sys.stderr)
     return rows
@@ -189,11 +185,10 @@ def main() -> int:
               f"| {m['wall_max']:.1f} | {m['ss_ms']:.0f} |")
     print(f"\nCounting alone: a generated dump of {SYNTH_RECORDS} TIME_WAIT records replayed, no kernel "
           "(median of 5, CPU ms)\n")
-    print("| family | distinct remote endpoints | C counter | Python fallback |")
-    print("|---|---:|---:|---:|")
+    print("| family | distinct remote endpoints | CPU ms |")
+    print("|---|---:|---:|")
     for r in counting_only():
-        c = f"{r['c']:.1f}" if "c" in r else "not built"
-        print(f"| {r['family']} | {r['distinct']} | {c} | {r['python']:.1f} |")
+        print(f"| {r['family']} | {r['distinct']} | {r['c']:.1f} |")
     return 0
 
 

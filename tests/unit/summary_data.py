@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 
-from monitor.aggregator import Counts
-from monitor.anomaly import Event
 from monitor.config import Filters
-from monitor.kstats import Limits
-from monitor.statepoll import NamespaceState, REPORTED_STATES
+from monitor.detect.anomaly import Event
+from monitor.kernel.counters import Counts
+from monitor.sockets.kstats import Limits
+from monitor.sockets.poller import REPORTED_STATES, NamespaceState
 
 T0 = 1_800_000_000.0
 KERNEL = {"release": "6.18.0-test", "send_reset_layout": "sockaddr",

@@ -4,13 +4,21 @@ import json
 
 import pytest
 
-from monitor import anomaly
-from monitor.aggregator import Counts
-from monitor.anomaly import ConnectFailures, Engine, Event, RstStorm, Sample, TimeWaitBuildup, Window
 from monitor.config import load_detector_config
-from monitor.forecast import forecast
-from monitor.kstats import Limits
-from monitor.statepoll import EndpointStat, NamespaceState
+from monitor.detect import anomaly
+from monitor.detect.anomaly import (
+    ConnectFailures,
+    Engine,
+    Event,
+    RstStorm,
+    Sample,
+    TimeWaitBuildup,
+    Window,
+)
+from monitor.kernel.counters import Counts
+from monitor.sockets.forecast import forecast
+from monitor.sockets.kstats import Limits
+from monitor.sockets.poller import EndpointStat, NamespaceState
 
 T0 = 1_800_000_000.0
 
@@ -357,7 +365,7 @@ def test_build_honours_enabled():
 def test_anomaly_metrics():
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from monitor.collector import AnomalyCollector
+    from monitor.serve.collector import AnomalyCollector
 
     class Hook:
         sent, failed, dropped = 4, 1, 2
@@ -469,7 +477,7 @@ def test_reset_after_handshake_sent_only_with_sent_rate():
 
 # --- top offenders in events ------------------------------------------------------------------------
 
-from monitor.offenders import Peer  # noqa: E402
+from monitor.kernel.offenders import Peer  # noqa: E402
 
 
 def peer(kind, remote, count, last, remote_port=None, local_port=None, pid=None, comm=None):
@@ -536,8 +544,8 @@ def test_every_offender_kind_event_has_the_key():
 
 
 def test_listener_resets_have_no_peer():
-    from monitor.events import Offender, OffenderKey
-    from monitor.offenders import decode
+    from monitor.kernel.abi import Offender, OffenderKey
+    from monitor.kernel.offenders import decode
 
     k, v = OffenderKey(family=2, lport=80, kind=0), Offender(count=7, first_ns=10**9, last_ns=2 * 10**9, pid=9,
                                                              comm=b"nginx")

@@ -8,8 +8,17 @@ import textwrap
 
 import pytest
 
-from monitor import events
-from monitor.events import C, OFFENDER_KINDS, ROLES, Event, Offender, OffenderKey, SockInfo, bpf_dir
+from monitor.kernel import abi
+from monitor.kernel.abi import (
+    OFFENDER_KINDS,
+    ROLES,
+    C,
+    Event,
+    Offender,
+    OffenderKey,
+    SockInfo,
+    bpf_dir,
+)
 
 HARNESS = textwrap.dedent("""
     #include <stddef.h>
@@ -174,7 +183,7 @@ def test_reset_state_without_state_field_uses_our_table(logic):
 
 @pytest.mark.parametrize("err,cls", [(111, "refused"), (110, "timeout"), (104, "reset"), (113, "other"), (0, "other")])
 def test_failure_classification(logic, err, cls):
-    assert events.FAILURE_REASONS[logic.failure_class(err)] == cls
+    assert abi.FAILURE_REASONS[logic.failure_class(err)] == cls
 
 
 def test_histogram_buckets_separate_1ms_1s_and_3s_handshakes(logic):

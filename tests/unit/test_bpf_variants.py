@@ -17,9 +17,9 @@ import textwrap
 import pytest
 
 from monitor.config import Filters
-from monitor.events import bpf_dir
-from monitor.probes import Probes
-from monitor.tracefs import parse_format
+from monitor.kernel.abi import bpf_dir
+from monitor.kernel.probes import Probes
+from monitor.kernel.tracefs import parse_format
 
 from .test_tracefs import DATA, KERNELS, layout_of
 

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from monitor.btf import BTF, BTFError, CONST, INT, PTR, STRUCT, TYPEDEF, UNION
+from monitor.kernel.btf import BTF, CONST, INT, PTR, STRUCT, TYPEDEF, UNION, BTFError
 
 
 class Blob:

@@ -5,8 +5,8 @@ import socket
 import pytest
 from click.testing import CliRunner
 
-from monitor import probes
 from monitor.cli import cli
+from monitor.kernel import probes
 
 
 def invoke(*args):

@@ -6,10 +6,10 @@ import subprocess
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from monitor.aggregator import RawCounters, SocketTable, aggregate, empty_raw
-from monitor.collector import TcpstateCollector
-from monitor.events import C
-from monitor.states import NUMBERS
+from monitor.kernel.abi import C
+from monitor.kernel.counters import RawCounters, SocketTable, aggregate, empty_raw
+from monitor.serve.collector import TcpstateCollector
+from monitor.tcp import NUMBERS
 
 NS, NR = C["TCPSTATE_NSTATES"], C["TCPSTATE_NREASONS"]
 STRIDE, NB = C["TCPSTATE_HIST_STRIDE"], C["TCPSTATE_HIST_NBOUNDS"]

@@ -42,7 +42,7 @@ def test_v4_mapped_cidr_becomes_ipv4():
 
 
 def test_header_define_that_cannot_be_evaluated_is_an_error(tmp_path):
-    from monitor.events import header_constants
+    from monitor.kernel.abi import header_constants
 
     h = tmp_path / "h.h"
     h.write_text("#define TCPSTATE_A 4\n#define TCPSTATE_B (TCPSTATE_A * 2)\n#define TCPSTATE_C (1U << 3)\n")

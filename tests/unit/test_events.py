@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from monitor.events import C, DecodeError, Event, decode_event
-from monitor.watch import Clock, json_line, table_header, table_row
+from monitor.kernel.abi import C, DecodeError, Event, decode_event
+from monitor.kernel.watch import Clock, json_line, table_header, table_row
 
 REASONS = {1: "NO_SOCKET"}
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from monitor.forecast import PortForecast, forecast
+from monitor.sockets.forecast import PortForecast, forecast
 
 
 def test_below_capacity_never_runs_out():

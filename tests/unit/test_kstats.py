@@ -4,8 +4,15 @@ import os
 
 import pytest
 
-from monitor.kstats import (KERNEL_COUNTERS, Limits, parse_snmp, read_kernel_counters, read_limits, read_sockstat,
-                            reserved_in_range)
+from monitor.sockets.kstats import (
+    KERNEL_COUNTERS,
+    Limits,
+    parse_snmp,
+    read_kernel_counters,
+    read_limits,
+    read_sockstat,
+    reserved_in_range,
+)
 
 # Excerpts in the kernel's layout (6.x): per group a header line of names, then a value line.
 # The TcpExt lines are cut down to the counters used here plus neighbours, in the kernel's order.

@@ -1,6 +1,6 @@
 """memory.py: which mappings count as the compiler's, and the release running in this process."""
 
-from monitor import memory
+from monitor.system import memory
 
 SMAPS = """\
 55d0c0000000-55d0c0100000 r--p 00000000 08:01 131 /usr/bin/python3.11

@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from monitor.anomaly import Event
-from monitor.notify import JsonLines, Webhook
+from monitor.detect.anomaly import Event
+from monitor.detect.sinks import JsonLines, Webhook
 
 EVENT = Event(1_800_000_000.0, "rst_storm", "firing", "critical", "Resets at 500.0/s", 500.0, 100.0, 10.0,
               {"top_causes": [{"direction": "sent", "state": "NONE", "reason": "NO_SOCKET", "resets": 5000}]})

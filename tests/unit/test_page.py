@@ -9,10 +9,10 @@ from html.parser import HTMLParser
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitor import page, summary
 from monitor.config import ListenAddress
-from monitor.server import Exporter
-from monitor.statepoll import REPORTED_STATES
+from monitor.serve import page, summary
+from monitor.serve.http import Exporter
+from monitor.sockets.poller import REPORTED_STATES
 
 from ..browser import Browser
 from .summary_data import inputs

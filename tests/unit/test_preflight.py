@@ -4,7 +4,7 @@ import builtins
 
 import pytest
 
-from monitor import probes, tracefs
+from monitor.kernel import probes, tracefs
 
 
 def test_bcc_missing(monkeypatch):

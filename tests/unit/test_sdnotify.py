@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from monitor import privileges
-from monitor.sdnotify import Notifier
+from monitor.system import privileges
+from monitor.system.sdnotify import Notifier
 
 
 @pytest.fixture

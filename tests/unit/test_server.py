@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import GaugeMetricFamily
 
 from monitor.config import ListenAddress
-from monitor.server import PAUSE_GRACE, Exporter, ServerError
+from monitor.serve.http import PAUSE_GRACE, Exporter, ServerError
 
 
 def get(url):

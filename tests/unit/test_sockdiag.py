@@ -9,10 +9,18 @@ from collections import Counter
 
 import pytest
 
-from monitor import native, sockdiag
-from monitor.kstats import Limits
-from monitor.statepoll import Target, summarize
-from monitor.sockdiag import SockDiagError, Tally, endpoint, endpoint_label, request, split_records
+from monitor.sockets import sockdiag, tally
+from monitor.sockets.kstats import Limits
+from monitor.sockets.poller import Target, summarize
+from monitor.sockets.sockdiag import (
+    SockDiagError,
+    endpoint,
+    endpoint_label,
+    request,
+    split_records,
+)
+
+from .tally_reference import Reference
 
 HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 NLM_F_MULTI = 0x2
@@ -118,8 +126,9 @@ def port_set(ports):
 
 
 def reference(records, port_range, recent_ms=None, listening=()):
-    """What Tally must compute, written the obvious way. listening: the ports listeners hold."""
-    ref = Tally(recent_ms=recent_ms)
+    """What the C counter must compute, written the obvious way, record by record. listening:
+    the ports listeners hold."""
+    ref = Reference(recent_ms=recent_ms)
     for r in records:
         state = r["state"]
         if 1 <= state <= 12:
@@ -144,21 +153,11 @@ def reference(records, port_range, recent_ms=None, listening=()):
 
 
 def tally_of(chunks, port_range, recent_ms=None, listening=None):
-    """What poll() does with the datagrams of a dump, in Python (returned) and in C (which
-    must agree on every count and on the top ports). listening: ports listeners hold (a set)."""
-    t = Tally(recent_ms=recent_ms, listening=None if listening is None else port_set(listening))
-    for chunk in chunks:
-        runs, _ = split_records(chunk)
-        for records, stride, is_full in runs:
-            t.add(records, stride, not is_full, port_range)
-    t.finish()
-    c = native_tally_of(chunks, port_range, recent_ms, listening=listening)
-    assert_same(c, t)
-    for side in ("local", "remote"):
-        for n in (0, 1, 3, 10, 70000):
-            assert c.top_ports(side, n) == t.top_ports(side, n)
-    # As the daemon asks: only the top ports and endpoints decoded, ranked in C the way
-    # summarize() ranks them, with a forecast (window 30 s) and without (all ports reserved).
+    """What poll() counts from the datagrams of a dump, all of it decoded (returned); and, as the
+    daemon asks, only the top ports and endpoints decoded, ranked in C the way summarize() ranks
+    them, with a forecast (window 30 s) and without (all ports reserved): the same as far as
+    they go. listening: ports listeners hold (a set)."""
+    t = native_tally_of(chunks, port_range, recent_ms, listening=listening)
     for window, reserved, n in ((30.0, 0, 3), (30.0, 0, 1), (0.0, 70000, 2)):
         kept = native_tally_of(chunks, port_range, recent_ms, top_n=n, rank_window=window, listening=listening)
         assert kept.states == t.states
@@ -176,25 +175,29 @@ def tally_of(chunks, port_range, recent_ms=None, listening=None):
 
 
 def native_tally_of(chunks, port_range, recent_ms=None, top_n=None, rank_window=0.0, listening=None):
-    c = native.NativeTally(port_range, recent_ms, None if listening is None else port_set(listening))
+    c = tally.Tally(port_range, recent_ms, None if listening is None else port_set(listening))
     for chunk in chunks:
         c.feed(chunk, len(chunk))
     return c.finish(top_n, rank_window)
 
 
-def assert_same(got, want, ports=True):
+def assert_same(got, want):
     # Counters compare equal ignoring zero entries; compare the positive counts.
-    names = ("states", "remote_time_wait", "remote_other", "remote_recent") + (("tw_local", "tw_remote") if ports else ())
-    for name in names:
+    for name in ("states", "remote_time_wait", "remote_other", "remote_recent"):
         g, w = getattr(got, name), getattr(want, name)
         assert +g == +w, name
         assert all(v > 0 for v in g.values()), name
+    for side in ("local", "remote"):
+        g, w = got.port_counts(side), want.port_counts(side)
+        assert +g == +w, side
+        for n in (0, 1, 3, 10, 70000):
+            assert got.top_ports(side, n) == tally.top_of(w, n)
 
 
 def decode_both(chunk):
     """split_records, and the C counter fed the same datagram: both raise the same error."""
     errors = []
-    for decode in (split_records, lambda c: native.NativeTally(None, None).feed(c, len(c))):
+    for decode in (split_records, lambda c: tally.Tally(None, None).feed(c, len(c))):
         try:
             decode(chunk)
             errors.append(None)
@@ -390,9 +393,6 @@ def test_listener_ports_match_reference(port_range, seed, many):
     records = [r for rec in recs for r in parse(rec)]
     listening = listeners_for(rng, records, port_range, many)
     first, last = port_range
-    rows = {p >> 8 for p in listening if first <= p <= last}
-    tables = sockdiag._listener_tables(port_set(listening), first, last)
-    assert isinstance(tables, bytes) == (len(rows) > sockdiag.MAX_LISTENER_ROWS)
     got = check(datagrams(rng, recs), port_range, recent_ms, listening)
     # The listeners did hide sockets that would count otherwise: exactly those on their ports.
     held = [r for r in records if first <= r["sport"] <= last and r["state"] not in (LISTEN, SYN_RECV)]
@@ -400,19 +400,6 @@ def test_listener_ports_match_reference(port_range, seed, many):
     assert hidden > 0
     total = sum(got.remote_time_wait.values()) + sum(got.remote_other.values())
     assert total == len(held) - hidden
-
-
-def test_listener_tables_switch_past_max_rows():
-    # Up to MAX_LISTENER_ROWS high bytes: a pair of byte tables each; one more: a 65536-entry table.
-    ports = [0x8000 + 0x100 * i + i for i in range(sockdiag.MAX_LISTENER_ROWS)]
-    rows = sockdiag._listener_tables(port_set(ports + [80, 0x8001]), 0x8000, 0xFFFF)  # 80: off the range
-    assert len(rows) == sockdiag.MAX_LISTENER_ROWS
-    assert [(high.index(0xFF), [b for b in range(256) if low[b]]) for high, low in rows] == \
-        [(0x80, [0, 1])] + [(0x80 + i, [i]) for i in range(1, sockdiag.MAX_LISTENER_ROWS)]
-    table = sockdiag._listener_tables(port_set(ports + [0xF000, 80]), 0x8000, 0xFFFF)
-    assert [p for p in range(65536) if table[p]] == ports + [0xF000]
-    assert sockdiag._listener_tables(port_set([80, 443]), 0x8000, 0xFFFF) == ()
-    assert sockdiag.not_listening_mask(b"\x00", b"\x50", port_set([80]), 0x8000, 0xFFFF) is None
 
 
 @pytest.mark.parametrize("port_range", RANGES)
@@ -464,14 +451,14 @@ def test_a_listeners_accepted_sockets_are_no_endpoints(copies, others):
     # The accepted sockets before their listeners, as a dump may send them.
     chunk = b"".join(r for r in accepted + outbound + listeners for _ in range(copies)) + done()
     listening = {40000, 40001, *OTHER_LISTENERS[others]}
-    t = tally_of([chunk], port_range, 30000, listening)  # asserts C == Python
+    t = check([chunk], port_range, 30000, listening)
     assert t.remote_other == Counter({db: 2 * copies})
     assert t.remote_time_wait == Counter({db: copies}) and t.remote_recent == Counter({db: copies})
     assert not {endpoint(*c) for c in clients} & (set(t.remote_other) | set(t.remote_time_wait))
     # By state and TIME_WAIT by port they count as before.
     assert +t.states == {ESTABLISHED: 4 * copies, TIME_WAIT: 2 * copies, CLOSE_WAIT: copies, LISTEN: 2 * copies}
-    assert t.tw_local == Counter({40000: copies, 45001: copies})
-    assert t.tw_remote == Counter({51001: copies, 5432: copies})
+    assert t.port_counts("local") == Counter({40000: copies, 45001: copies})
+    assert t.port_counts("remote") == Counter({51001: copies, 5432: copies})
     # Without the listeners' ports the clients were endpoints: what this leaves out.
     t = tally_of([chunk], port_range, 30000)
     assert t.remote_other == Counter({db: 2 * copies, endpoint(*clients[0]): copies, endpoint(*clients[2]): copies,
@@ -479,9 +466,9 @@ def test_a_listeners_accepted_sockets_are_no_endpoints(copies, others):
     assert t.remote_time_wait == Counter({db: copies, endpoint(*clients[1]): copies})
 
 
-def test_native_tally_refuses_a_port_set_of_another_size():
+def test_tally_refuses_a_port_set_of_another_size():
     with pytest.raises(ValueError):
-        native.NativeTally((32768, 60999), None, bytes(8191))
+        tally.Tally((32768, 60999), None, bytes(8191))
 
 
 @pytest.mark.parametrize("recent_ms", [30000, 0x1200, 255, 1])
@@ -515,7 +502,7 @@ def test_recent_needs_the_port_range():
     # Without a port range there are no endpoints, so no recent ones either.
     recs = [mini(AF_INET, TIME_WAIT, 40000, 80, V4[0], expires=60000)] * 5
     t = tally_of([b"".join(recs) + done()], None, 30000)
-    assert t.tw_local == Counter({40000: 5}) and not t.remote_time_wait and not t.remote_recent
+    assert t.port_counts("local") == Counter({40000: 5}) and not t.remote_time_wait and not t.remote_recent
 
 
 class FakeDiagSocket:
@@ -540,19 +527,17 @@ class FakeDiagSocket:
         return len(chunk)
 
 
-@pytest.mark.parametrize("use_native", [False, True])
 @pytest.mark.parametrize("kw, walks", [({}, 2), ({"one_walk": True}, 1), ({"per_family": True}, 4)])
-def test_poll_passes_recent_ms_to_every_walk(kw, walks, use_native):
-    kw = dict(kw, use_native=use_native)
+def test_poll_passes_recent_ms_to_every_walk(kw, walks):
     web = (AF_INET, V4[0], 80)
     tw = b"".join(mini(AF_INET, TIME_WAIT, 40000 + i, 80, V4[0], expires=e)
                   for i, e in enumerate((29999, 30000, 45000, 1000, 60000)))
     no_listeners = [[done()]] * (2 if kw.get("per_family") else 1)
     replies = no_listeners + [[tw, done()] for _ in range(walks)]
-    t = sockdiag.poll(FakeDiagSocket(replies), (40000, 40100), recent_ms=30000, **kw)
+    t = tally.poll(FakeDiagSocket(replies), (40000, 40100), recent_ms=30000, **kw)
     assert t.remote_time_wait == Counter({web: 5 * walks})
     assert t.remote_recent == Counter({web: 3 * walks})
-    t = sockdiag.poll(FakeDiagSocket(replies), (40000, 40100), **kw)
+    t = tally.poll(FakeDiagSocket(replies), (40000, 40100), **kw)
     assert t.recent_ms is None and t.remote_recent == Counter()
 
 
@@ -578,9 +563,8 @@ def test_listening_ports(per_family):
     assert sock.requests == [listener_dump_request(f) for f in families]
 
 
-@pytest.mark.parametrize("use_native", [False, True])
 @pytest.mark.parametrize("per_family", [False, True])
-def test_poll_leaves_out_the_ports_listeners_hold(per_family, use_native):
+def test_poll_leaves_out_the_ports_listeners_hold(per_family):
     # The counting dumps do not put a listener before the sockets it accepted: minisockets come
     # first, and per family the IPv4 dump before the IPv6 one that holds a dual-stack [::]:40000
     # listener. The listeners' own dump, sent first, is what tells.
@@ -597,11 +581,11 @@ def test_poll_leaves_out_the_ports_listeners_hold(per_family, use_native):
     else:
         listen_dumps = [[listener + done()]]
     sock = FakeDiagSocket(listen_dumps + walks)
-    t = sockdiag.poll(sock, (32768, 60999), per_family=per_family, recent_ms=30000, use_native=use_native)
+    t = tally.poll(sock, (32768, 60999), per_family=per_family, recent_ms=30000)
     assert t.remote_time_wait == Counter({web: 1}) and t.remote_recent == Counter({web: 1})
     assert t.remote_other == Counter({web: 1})
     assert +t.states == {TIME_WAIT: 4, ESTABLISHED: 3, LISTEN: 1}
-    assert t.tw_local == Counter({40000: 3, 45000: 1})
+    assert t.port_counts("local") == Counter({40000: 3, 45000: 1})
     families = (AF_INET, AF_INET6) if per_family else (socket.AF_UNSPEC,)
     assert sock.requests[:len(families)] == [listener_dump_request(f) for f in families]
     assert len(sock.requests) == len(families) * 3 and not sock.replies
@@ -614,16 +598,6 @@ def test_v4_mapped_and_v4_share_a_key():
     assert t.remote_time_wait == Counter({(AF_INET, V4[0], 80): 2, (AF_INET6, V6[0], 80): 1})
 
 
-def test_finish_drops_the_placeholder_port():
-    # TIME_WAIT and other sockets in one run: the others count as port 0 until finish().
-    recs = [mini(AF_INET, TIME_WAIT, 40000, 80, V4[0])] * 2 + [mini(AF_INET, SYN_RECV, 40001, 81, V4[0])] * 3
-    runs, _ = split_records(b"".join(recs))
-    assert len(runs) == 1
-    t = Tally()
-    t.add(*runs[0][:2], True, None)
-    assert t.finish().tw_local == Counter({40000: 2}) and t.tw_remote == Counter({80: 2})
-
-
 @pytest.mark.parametrize("kind", sockdiag.RECORD_TYPES)
 def test_both_record_types_are_records(kind):
     recs = [record(AF_INET, TIME_WAIT, 40000, 80, V4[0], 96, kind=kind)] * 5
@@ -632,20 +606,21 @@ def test_both_record_types_are_records(kind):
 
 
 def test_the_c_counter_is_built():
-    # make setup builds monitor/_tally.so; without it the daemon falls back to Python (and says so).
-    assert native.LIB is not None, native.UNAVAILABLE
+    # Installing the package compiles it (setup.py); without it the daemon does not start.
+    assert tally.LIB is not None, tally.UNAVAILABLE
 
 
 def test_the_c_counter_missing_or_broken_is_explained(tmp_path, monkeypatch):
-    monkeypatch.setattr(native, "LIBRARY", tmp_path / "_tally.so")
-    assert native._load() == (None, f"{tmp_path / '_tally.so'} is not built (make setup builds it)")
+    monkeypatch.setattr(tally, "LIBRARY", tmp_path / "_tally.so")
+    assert tally._load() == (None, f"{tmp_path / '_tally.so'} is not built: reinstall tcpstate (pip install ., or "
+                                   "make setup in a checkout)")
     (tmp_path / "_tally.so").write_text("not a library")
-    lib, why = native._load()
+    lib, why = tally._load()
     assert lib is None and why.startswith(f"{tmp_path / '_tally.so'}: ") and "\n" not in why
 
 
-def test_native_tally_refuses_use_after_finish():
-    t = native.NativeTally(None, None)
+def test_tally_refuses_use_after_finish():
+    t = tally.Tally(None, None)
     chunk = mini(AF_INET, TIME_WAIT, 40000, 80, V4[0]) + done()
     t.feed(chunk, len(chunk))
     t.finish()
@@ -667,21 +642,21 @@ def test_out_of_range_error_codes_are_malformed(code):
         assert exc.value.errno == errno.EBADMSG and f"malformed error code {code}" in str(exc.value)
 
 
-def test_c_and_python_agree_on_crafted_input():
-    # Not what the kernel sends, but both decoders must read it alike: a message of another
+def test_crafted_input():
+    # Not what the kernel sends, but the C decoder must read it as split_records does: a message of another
     # type ends the records of a datagram; a family other than IPv6 keys 4 address bytes;
     # a TIME_WAIT timer is compared on its low 16 bits.
     noop = HDR.pack(16, 1, 0, 1, 0)
     tw = mini(AF_INET, TIME_WAIT, 40000, 80, V4[0], expires=0x10005)
     odd = record(7, TIME_WAIT, 40001, 80, MAPPED[0], 96, expires=40000)
     for chunks, counted in (([noop + tw + done()], 0), ([tw + noop + tw + done()], 1), ([odd + tw + done()], 2)):
-        t = tally_of(chunks, (40000, 40100), 30000)  # asserts C == Python
+        t = tally_of(chunks, (40000, 40100), 30000)
         assert t.states[TIME_WAIT] == counted
         assert all(sockdiag.endpoint_label(k) for k in t.remote_time_wait)
 
 
 def test_native_endpoint_struct_size():
-    assert native.ctypes.sizeof(native.Endpoint) == 32 == native.LIB.tcpstate_tally_sizeof_endpoint()
+    assert tally.ctypes.sizeof(tally.Endpoint) == 32 == tally.LIB.tcpstate_tally_sizeof_endpoint()
 
 
 def test_native_top_ports_ties_and_totals():
@@ -699,12 +674,6 @@ def test_native_endpoint_table_grows():
     recs = [mini(AF_INET6, TIME_WAIT, 40000, port, V6[port % 4]) for port in range(1, 5001)] * 2
     t = native_tally_of([b"".join(recs[i:i + 300]) for i in range(0, len(recs), 300)] + [done()], (1024, 65535))
     assert len(t.remote_time_wait) == 5000 and set(t.remote_time_wait.values()) == {2}
-
-
-def test_poll_uses_the_c_counter_when_built():
-    replies = [[mini(AF_INET, TIME_WAIT, 40000, 80, V4[0]) + done()]]
-    assert isinstance(sockdiag.poll(FakeDiagSocket(replies), None, one_walk=True), native.NativeTally)
-    assert isinstance(sockdiag.poll(FakeDiagSocket(replies), None, one_walk=True, use_native=False), Tally)
 
 
 # --- split_records --------------------------------------------------------------------------------
@@ -916,7 +885,7 @@ POLLS = [{}, {"one_walk": True}, {"per_family": True}]
 
 def listen_counts():
     with sockdiag.open_socket() as sock:
-        return [sockdiag.poll(sock, None, **kw).states[LISTEN] for kw in POLLS]
+        return [tally.poll(sock, None, **kw).states[LISTEN] for kw in POLLS]
 
 
 def test_poll_counts_a_new_listener():

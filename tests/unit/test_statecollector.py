@@ -7,12 +7,13 @@ import subprocess
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from monitor.collector import StateCollector
-from monitor.forecast import PortForecast, forecast
-from monitor.kstats import KERNEL_COUNTERS, Limits
-from monitor.sockdiag import Tally
-from monitor.statepoll import REPORTED_STATES, Target, summarize, top_ports
-from monitor.states import NUMBERS
+from monitor.serve.collector import StateCollector
+from monitor.sockets.forecast import PortForecast, forecast
+from monitor.sockets.kstats import KERNEL_COUNTERS, Limits
+from monitor.sockets.poller import REPORTED_STATES, Target, summarize, top_ports
+from monitor.tcp import NUMBERS
+
+from .tally_reference import Reference
 
 AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
 NOW = 1_700_000_100.0
@@ -49,7 +50,7 @@ OWN_TW = SERVER_TW + sum(CLIENT_TW.values())  # 18265
 
 def own_tally():
     # Every TIME_WAIT socket has one local and one remote port: each side adds up to OWN_TW.
-    t = Tally(recent_ms=30_000)
+    t = Reference(recent_ms=30_000)
     t.states.update({NUMBERS["ESTABLISHED"]: 55, NUMBERS["TIME_WAIT"]: OWN_TW, NUMBERS["LISTEN"]: 3,
                      NUMBERS["NEW_SYN_RECV"]: 1, NUMBERS["CLOSE_WAIT"]: 25})
     t.tw_local.update({80: 150, 443: 50, 8080: 20})
@@ -63,7 +64,7 @@ def own_tally():
 
 def blue_tally():
     # CACHE: W = 20, R = 15 (0.5/s), O = 50; CACHE2: W = 5, none recent.
-    t = Tally(recent_ms=30_000)
+    t = Reference(recent_ms=30_000)
     t.states.update({NUMBERS["ESTABLISHED"]: 70, NUMBERS["TIME_WAIT"]: 25})
     t.tw_local.update({40000 + i: 1 for i in range(25)})  # all tied
     t.tw_remote.update({6379: 25})
@@ -97,7 +98,7 @@ def registry(results=None):
 # --- top_ports ----------------------------------------------------------------------------------
 
 def tally_with_ports(local=(), remote=()):
-    t = Tally()
+    t = Reference()
     t.tw_local.update(dict(local))
     t.tw_remote.update(dict(remote))
     return t
@@ -155,7 +156,7 @@ def test_summarize_rate_is_recent_entries_over_the_window():
 def test_summarize_forecasts_from_the_first_poll_without_recent_entries():
     # No entries in the window: rate 0 and a forecast of just the other sockets, not None.
     # Equal in use and demand: ties go by label.
-    t = Tally(recent_ms=30_000)
+    t = Reference(recent_ms=30_000)
     t.remote_time_wait.update({CACHE2: 5, WEB3: 5, CACHE: 1})
     t.remote_other.update({CACHE: 2})
     s = summarize(Target.own(), t, LIMITS, {}, WINDOW, 2, 0.0, 0.0, NOW)
@@ -277,7 +278,7 @@ def test_no_usable_ports_exports_in_use_only():
 def test_exhausted_endpoint_exports_zero_seconds():
     # 80 in use: every usable port (the 20 reserved ones cannot be had), though 20 of the
     # range are free. Nothing recent: r = 0, demand = O = 30, utilization 30/80.
-    t = Tally(recent_ms=30_000)
+    t = Reference(recent_ms=30_000)
     t.remote_time_wait.update({CACHE: 50})
     t.remote_other.update({CACHE: 30})
     state = summarize(Target("blue", "/run/netns/blue"), t, BLUE_LIMITS, {}, WINDOW, 5, 0.0, 0.0, NOW)
@@ -296,7 +297,7 @@ def test_poll_age_duration_cpu():
 
 def test_poll_age_never_negative():
     # A poll that finished "after" the scrape (wall clock stepped back) is 0 s old, not -5.
-    state = summarize(Target.own(), Tally(), LIMITS, {}, WINDOW, 1, 0.0, 0.0, NOW + 5)
+    state = summarize(Target.own(), Reference(), LIMITS, {}, WINDOW, 1, 0.0, 0.0, NOW + 5)
     assert registry({"": state}).get_sample_value("tcpstate_state_poll_age_seconds", {"netns": ""}) == 0.0
 
 

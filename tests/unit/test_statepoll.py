@@ -12,11 +12,13 @@ from collections import Counter
 
 import pytest
 
-from monitor import statepoll
-from monitor.kstats import Limits
-from monitor.netns import NetnsError, entered, label_for
-from monitor.sockdiag import SockDiagError, Tally
-from monitor.statepoll import StatePoller, Target
+from monitor.sockets import poller as poller_module
+from monitor.sockets.kstats import Limits
+from monitor.sockets.netns import NetnsError, entered, label_for
+from monitor.sockets.poller import DUMP_TIMEOUT, StatePoller, Target
+from monitor.sockets.sockdiag import SockDiagError
+
+from .tally_reference import Reference
 
 # --- netns.entered: what is refused before setns --------------------------------------------------
 
@@ -171,7 +173,7 @@ class FakeHost:
         self.polls = []  # (namespace, port_range, kwargs)
         self.socks = []
         for name in ("entered", "read_limits", "read_kernel_counters", "read_sockstat", "open_socket", "poll"):
-            monkeypatch.setattr(statepoll, name, getattr(self, name))
+            monkeypatch.setattr(poller_module, name, getattr(self, name))
 
     @contextlib.contextmanager
     def entered(self, path):
@@ -204,7 +206,7 @@ class FakeHost:
         errors = self.poll_errors.get(sock.ns)
         if errors:
             raise errors.pop(0)
-        t = Tally(recent_ms=recent_ms)
+        t = Reference(recent_ms=recent_ms)
         t.states[1] = 3
         t.remote_time_wait[WEB] = 40
         t.remote_recent[WEB] = 30
@@ -223,7 +225,7 @@ def warning_for(target, why):
 
 def messages(caplog, level=None):
     return [r.getMessage() for r in caplog.records
-            if r.name == "monitor.statepoll" and (level is None or r.levelno == level)]
+            if r.name == "monitor.sockets.poller" and (level is None or r.levelno == level)]
 
 
 @pytest.fixture
@@ -242,7 +244,7 @@ def test_polls_every_target(host):
         ("/run/netns/blue", (40000, 40099), True, 40000, False),
         ("/run/netns/red", (40000, 40099), False, 40000, False)]
     # Every socket got the dump timeout and was closed.
-    assert [(s.timeout, s.closed) for s in host.socks] == [(statepoll.DUMP_TIMEOUT, True)] * 3
+    assert [(s.timeout, s.closed) for s in host.socks] == [(DUMP_TIMEOUT, True)] * 3
     blue = poller.results()["blue"]
     assert blue.label == "blue" and blue.finished == 1234.5 and blue.kernel == {"active_opens": 7}
     assert blue.limits == LIMITS and blue.sockets["ESTABLISHED"] == 3
@@ -266,7 +268,7 @@ def test_window_sets_the_recent_threshold(host, window, recent_ms):
 
 
 def test_one_warning_per_failing_stretch(host, caplog):
-    caplog.set_level(logging.INFO, logger="monitor.statepoll")
+    caplog.set_level(logging.INFO, logger="monitor.sockets.poller")
     poller = StatePoller([OWN, BLUE], 1, TOP_N)
     host.broken["/run/netns/blue"] = ENOENT
     for _ in range(3):
@@ -298,7 +300,7 @@ def test_one_warning_per_failing_stretch(host, caplog):
 
 
 def test_failing_namespaces_are_tracked_apart(host, caplog):
-    caplog.set_level(logging.INFO, logger="monitor.statepoll")
+    caplog.set_level(logging.INFO, logger="monitor.sockets.poller")
     poller = StatePoller([OWN, BLUE, RED], 1, TOP_N)
     host.broken["/run/netns/blue"] = ENOENT
     poller.poll_once()
@@ -314,7 +316,7 @@ def test_failing_namespaces_are_tracked_apart(host, caplog):
 
 
 def test_own_namespace_failing(host, caplog):
-    caplog.set_level(logging.INFO, logger="monitor.statepoll")
+    caplog.set_level(logging.INFO, logger="monitor.sockets.poller")
     poller = StatePoller([OWN, BLUE], 1, TOP_N)
     host.poll_errors[None] = [SockDiagError(errno.EPERM, "sock_diag dump: Operation not permitted")] * 2
     poller.poll_once()
@@ -348,7 +350,7 @@ def test_failures_reading_the_namespace(host, monkeypatch, caplog):
     def unreadable():
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/proc/sys/net/ipv4/tcp_max_tw_buckets")
 
-    monkeypatch.setattr(statepoll, "read_limits", unreadable)
+    monkeypatch.setattr(poller_module, "read_limits", unreadable)
     poller = StatePoller([BLUE], 1, TOP_N)
     poller.poll_once()
     assert poller.results() == {} and poller.errors() == {"blue": 1}
@@ -361,8 +363,8 @@ def test_real_entered_on_paths_that_are_no_namespace(tmp_path, monkeypatch, capl
     def no_poll(*args, **kwargs):
         raise AssertionError("polled a namespace that was never entered")
 
-    monkeypatch.setattr(statepoll, "poll", no_poll)
-    monkeypatch.setattr(statepoll, "open_socket", no_poll)
+    monkeypatch.setattr(poller_module, "poll", no_poll)
+    monkeypatch.setattr(poller_module, "open_socket", no_poll)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     regular = tmp_path / "regular"
@@ -389,7 +391,7 @@ def test_real_entered_on_paths_that_are_no_namespace(tmp_path, monkeypatch, capl
 
 @pytest.mark.parametrize("err", [errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP])
 def test_per_family_fallback(host, caplog, err):
-    caplog.set_level(logging.INFO, logger="monitor.statepoll")
+    caplog.set_level(logging.INFO, logger="monitor.sockets.poller")
     poller = StatePoller([OWN, BLUE], 1, TOP_N)
     refused = SockDiagError(err, f"sock_diag dump: {os.strerror(err)}")
     host.poll_errors[None] = [refused]
@@ -413,7 +415,7 @@ def test_per_family_fallback(host, caplog, err):
 
 
 def test_other_refusals_do_not_switch_to_per_family(host, caplog):
-    caplog.set_level(logging.INFO, logger="monitor.statepoll")
+    caplog.set_level(logging.INFO, logger="monitor.sockets.poller")
     poller = StatePoller([BLUE], 1, TOP_N)
     host.poll_errors["/run/netns/blue"] = [SockDiagError(errno.ENOBUFS, "sock_diag dump failed part way: "
                                                                         "No buffer space available")]
@@ -428,7 +430,7 @@ def test_other_refusals_do_not_switch_to_per_family(host, caplog):
 
 def test_per_family_failing_too(host, caplog):
     # Both requests refused: the namespace fails this poll, and per family is kept for the next.
-    caplog.set_level(logging.INFO, logger="monitor.statepoll")
+    caplog.set_level(logging.INFO, logger="monitor.sockets.poller")
     poller = StatePoller([BLUE], 1, TOP_N)
     host.poll_errors["/run/netns/blue"] = [SockDiagError(errno.EINVAL, "sock_diag dump: Invalid argument"),
                                            SockDiagError(errno.EINVAL, "sock_diag dump: Invalid argument")]
@@ -469,7 +471,7 @@ def test_background_thread_survives_a_bug(host, monkeypatch, caplog):
             raise bugs.pop()
         return real_poll(*args, **kwargs)
 
-    monkeypatch.setattr(statepoll, "poll", buggy)
+    monkeypatch.setattr(poller_module, "poll", buggy)
     poller = StatePoller([OWN], 0.01, 5)
     poller.start()
     try:

@@ -4,10 +4,9 @@ import json
 import re
 from pathlib import Path
 
-from monitor import summary
-from monitor.aggregator import Counts
-from monitor.anomaly import Event
-
+from monitor.detect.anomaly import Event
+from monitor.kernel.counters import Counts
+from monitor.serve import summary
 
 from .summary_data import FILTERS, KERNEL, T0, counts, inputs
 from .test_tracefs import layout_of

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from monitor.tracefs import BTF_OFFSETS, detect_layout, parse_format, parse_reason_names
+from monitor.kernel.tracefs import (
+    BTF_OFFSETS,
+    detect_layout,
+    parse_format,
+    parse_reason_names,
+)
 
 DATA = Path(__file__).parent / "data" / "kernels"
 KERNELS = ("5.10", "6.1", "6.12", "6.18")

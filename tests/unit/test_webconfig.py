@@ -19,10 +19,11 @@ import bcrypt
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from monitor import server, webconfig
 from monitor.config import ListenAddress
-from monitor.server import Exporter
-from monitor.webconfig import WebConfigError
+from monitor.serve import http as server
+from monitor.serve import webconfig
+from monitor.serve.http import Exporter
+from monitor.serve.webconfig import WebConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -318,7 +319,7 @@ def test_config_changes_apply_and_a_broken_file_fails_closed(conf, serve, pki, c
     conf(f"basic_auth_users:\n  alice: '{new_hash}'\n")
     assert py_get(url, None, "alice", PASSWORD)[0] == 401  # a cached success does not outlive its hash
     assert py_get(url, None, "alice", "new password")[0] == 200
-    with caplog.at_level(logging.ERROR, logger="monitor.webconfig"):
+    with caplog.at_level(logging.ERROR, logger="monitor.serve.webconfig"):
         conf("basic_auth_users:\n  alice: not-a-hash\n")
         for _ in range(3):
             assert py_get(url, None, "alice", "new password")[0] == 500

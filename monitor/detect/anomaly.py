@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
-from . import offenders
+from monitor.kernel import offenders
 
 STATUSES = ("firing", "resolved")
 log = logging.getLogger(__name__)

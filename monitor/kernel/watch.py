@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from .events import DecodedEvent
+from monitor.kernel.abi import DecodedEvent
 
 COLUMNS = (
     ("TIME", 12), ("KIND", 14), ("SOURCE", 45), ("DESTINATION", 45), ("OLD", 11), ("NEW", 11),

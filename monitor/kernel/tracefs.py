@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .btf import BTF, VMLINUX, BTFError
+from monitor.kernel.btf import BTF, VMLINUX, BTFError
 
 TRACEFS_MOUNTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 

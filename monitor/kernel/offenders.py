@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .events import OFFENDER_KINDS, format_addr
+from monitor.kernel.abi import OFFENDER_KINDS, format_addr
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Peer:
         return f"{who} ({self.count} {self.kind.replace('_', ' ')})"
 
     def as_dict(self) -> dict:
-        from .anomaly import rfc3339
+        from monitor.detect.anomaly import rfc3339
 
         return {"kind": self.kind, "remote": self.remote, "remote_port": self.remote_port,
                 "local_port": self.local_port, "count": self.count, "first_seen": rfc3339(self.first_seen),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .states import state_name
+from monitor.tcp import state_name
 
 AF_INET = 2
 AF_INET6 = 10
@@ -22,9 +22,9 @@ def bpf_dir() -> Path:
     env = os.environ.get("TCPSTATE_BPF_DIR")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent
-    installed = here / "bpf"
-    return installed if (installed / "tcpstate.c").is_file() else here.parent / "bpf"
+    package = Path(__file__).resolve().parents[1]  # monitor/
+    installed = package / "bpf"
+    return installed if (installed / "tcpstate.c").is_file() else package.parent / "bpf"
 
 
 _DEFINE = re.compile(r"^#define\s+(TCPSTATE_\w+)\s+(.+?)\s*(?:/\*.*)?$")

@@ -18,9 +18,10 @@ from urllib.parse import parse_qs
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from . import __version__, page
-from .config import ListenAddress
-from .webconfig import WebConfig, WebConfigError
+from monitor import __version__
+from monitor.config import ListenAddress
+from monitor.serve import page
+from monitor.serve.webconfig import WebConfig, WebConfigError
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .events import C, DIRECTIONS, FAILURE_REASONS, HIST_BOUNDS_SECONDS, ROLES, reason_name
-from .states import NUMBERS, state_name
+from monitor.kernel.abi import (
+    DIRECTIONS,
+    FAILURE_REASONS,
+    HIST_BOUNDS_SECONDS,
+    ROLES,
+    C,
+    reason_name,
+)
+from monitor.tcp import NUMBERS, state_name
 
 NSTATES = C["TCPSTATE_NSTATES"]
 NREASONS = C["TCPSTATE_NREASONS"]

@@ -10,12 +10,23 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .forecast import TIME_WAIT_SECONDS, PortForecast, forecast
-from .kstats import Limits, read_kernel_counters, read_limits, read_sockstat
-from .netns import entered, label_for
-from .sockdiag import SockDiagError, Tally, endpoint_label, one_walk_pays, open_socket, poll
-from .states import NUMBERS as STATE_NUMBERS
-from .states import STATE_NAMES
+from monitor.sockets.forecast import TIME_WAIT_SECONDS, PortForecast, forecast
+from monitor.sockets.kstats import (
+    Limits,
+    read_kernel_counters,
+    read_limits,
+    read_sockstat,
+)
+from monitor.sockets.netns import entered, label_for
+from monitor.sockets.sockdiag import (
+    SockDiagError,
+    endpoint_label,
+    one_walk_pays,
+    open_socket,
+)
+from monitor.sockets.tally import Tally, poll
+from monitor.tcp import NUMBERS as STATE_NUMBERS
+from monitor.tcp import STATE_NAMES
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,40 @@
-"""native.py: the ctypes binding of _tally.c, the C counter of sock_diag dumps, and its fallback status."""
+"""tally.py: a namespace's sockets counted from its sock_diag dumps by _tally.c (built at install), through ctypes."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import heapq
 import os
 import socket
 from array import array
 from collections import Counter
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
-LIBRARY = Path(__file__).with_name("_tally.so")
+from monitor.sockets.forecast import TIME_WAIT_SECONDS
+from monitor.sockets.sockdiag import (
+    ALL_STATES,
+    FULL_STATES,
+    MINI_STATES,
+    SockDiagError,
+    endpoint,
+    listening_ports,
+    request,
+)
+
+
+def _library() -> Path:
+    """setup.py builds _tally.c as an extension: _tally.cpython-311-x86_64-linux-gnu.so, say. It
+    has no Python module in it; ctypes loads it."""
+    here = Path(__file__).parent
+    for suffix in EXTENSION_SUFFIXES:
+        if (here / f"_tally{suffix}").exists():
+            return here / f"_tally{suffix}"
+    return here / f"_tally{EXTENSION_SUFFIXES[0]}"
+
+
+LIBRARY = _library()
 
 # Return codes of tcpstate_tally_chunk (keep in step with _tally.c).
 MORE, DONE, MALFORMED, SHORT_RECORD, SHORT_ERROR, DUMP_ERROR, PARTIAL_ERROR, NOMEM, BAD_ERRNO = range(9)
@@ -32,7 +56,7 @@ class Endpoint(ctypes.Structure):
 def _load():
     """(library, None) or (None, why it is not there)."""
     if not LIBRARY.exists():
-        return None, f"{LIBRARY} is not built (make setup builds it)"
+        return None, f"{LIBRARY} is not built: reinstall tcpstate (pip install ., or make setup in a checkout)"
     try:
         lib = ctypes.CDLL(str(LIBRARY))
     except OSError as exc:
@@ -56,9 +80,9 @@ def _load():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
     except AttributeError as exc:
-        return None, f"{LIBRARY} is stale ({exc}); rebuild it with make setup"
+        return None, f"{LIBRARY} is stale ({exc}); reinstall tcpstate (make setup rebuilds it)"
     if lib.tcpstate_tally_sizeof_endpoint() != ctypes.sizeof(Endpoint):
-        return None, f"{LIBRARY}: struct tcpstate_endpoint size differs from native.Endpoint; rebuild it"
+        return None, f"{LIBRARY}: struct tcpstate_endpoint size differs from tally.Endpoint; rebuild it"
     return lib, None
 
 
@@ -69,11 +93,18 @@ def _address(buf) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
-class NativeTally:
-    """A Tally (see sockdiag.Tally) counted by _tally.c: feed() it each datagram of a dump,
-    then finish(). Python never touches a socket's record: TIME_WAIT per port stays in C as
-    65536 bins per side, endpoints in a hash table there, and finish(top_n) decodes only the
-    top ones. tw_local / tw_remote materialize whole Counters when asked (tests)."""
+class Tally:
+    """What one poll of a namespace's socket tables found, counted by _tally.c: feed() it each
+    datagram of a dump, then finish(). Python never touches a socket's record: TIME_WAIT per
+    port stays in C as 65536 bins per side, endpoints in a hash table there, and finish(top_n)
+    decodes only the top ones.
+
+    states: state number -> sockets (NEW_SYN_RECV as 12). remote_time_wait / remote_other:
+    sockets on a local port in the ephemeral range that no listener holds, in TIME_WAIT / in any
+    other state that holds a 4-tuple (not LISTEN, not SYN_RECV), by remote endpoint (a
+    listener's accepted sockets take no ephemeral port of this host). remote_recent: of
+    remote_time_wait, those whose timer has at least recent_ms left, i.e. that entered TIME_WAIT
+    within the last (60 s - recent_ms); None: not counted."""
 
     def __init__(self, port_range: tuple[int, int] | None, recent_ms: int | None, listening: bytes | None = None):
         """listening: the ports LISTEN sockets hold, as sockdiag.listening_ports() gives them
@@ -100,8 +131,6 @@ class NativeTally:
     def feed(self, buf, length: int) -> bool:
         """Count the first length bytes of buf (bytes or a bytearray): True once the dump is done.
         Raises SockDiagError as sockdiag.split_records does."""
-        from .sockdiag import SockDiagError  # sockdiag imports this module
-
         if not self._t:
             raise RuntimeError("the tally is finished")
         if length > len(buf):
@@ -127,15 +156,12 @@ class NativeTally:
             raise SockDiagError(errno.EBADMSG, f"malformed error code {e.errnum} in a sock_diag dump")
         raise MemoryError("counting sock_diag endpoints")
 
-    def finish(self, top_n: int | None = None, rank_window: float = 0.0) -> "NativeTally":
+    def finish(self, top_n: int | None = None, rank_window: float = 0.0) -> "Tally":
         """Copy the counts out of C and free it. top_n None keeps everything: all 65536 bins
         per side, every endpoint. Otherwise only what statepoll.summarize() will use is
         decoded: the top_n ports per side, and the top_n endpoints in summarize()'s order
         (ranked with the forecast over rank_window seconds of TIME_WAIT entries; 0: by ports
         in use alone, as when there is no forecast)."""
-        from .forecast import TIME_WAIT_SECONDS
-        from .sockdiag import endpoint
-
         if not self._t:
             raise RuntimeError("the tally is finished")
         try:
@@ -189,8 +215,6 @@ class NativeTally:
             if n > kept:
                 raise ValueError(f"finish() kept the top {kept} ports, not {n}")
             return top[:n], total
-        from .sockdiag import top_of
-
         return top_of(self.port_counts(side), n)
 
     def port_counts(self, side: str) -> Counter:
@@ -198,11 +222,39 @@ class NativeTally:
             raise ValueError("finish(top_n) kept only the top ports")
         return Counter({p: c for p, c in enumerate(self._bins[side]) if c})
 
-    @property
-    def tw_local(self) -> Counter:
-        return self.port_counts("local")
 
-    @property
-    def tw_remote(self) -> Counter:
-        return self.port_counts("remote")
+
+def top_of(counts: Counter, n: int) -> tuple[list, int]:
+    """The n largest positive counts as [(key, count)], most first, ties by lower key; and the sum."""
+    top = heapq.nsmallest(n, ((k, c) for k, c in counts.items() if c > 0), key=lambda kc: (-kc[1], kc[0]))
+    return top, sum(c for c in counts.values() if c > 0)
+
+
+def poll(sock: socket.socket, port_range: tuple[int, int] | None, per_family: bool = False,
+         one_walk: bool = False, recent_ms: int | None = None, top_n: int | None = None,
+         rank_window: float = 0.0) -> Tally:
+    """Every TCP socket of the socket's namespace by state, TIME_WAIT sockets by local and
+    remote port, and sockets on a local port in port_range (the ephemeral ports) by remote
+    endpoint, leaving out the ports listeners hold (a dump of listeners first). Both families
+    per walk; per_family uses the newer request, a walk per family, for kernels without the
+    old one. one_walk: see sockdiag.one_walk_pays(). recent_ms: see Tally. top_n, rank_window:
+    decode only what summarize() keeps (see Tally.finish; None: everything)."""
+    listening = listening_ports(sock, per_family) if port_range is not None else None
+    families = (socket.AF_INET, socket.AF_INET6) if per_family else (socket.AF_UNSPEC,)
+    walks = (ALL_STATES,) if one_walk else (MINI_STATES, FULL_STATES)
+    tally = Tally(port_range, recent_ms, listening)
+    buf = bytearray(1 << 16)  # a dump datagram is at most 32 KB
+    try:
+        for req in (request(states, family) for family in families for states in walks):
+            sock.send(req)
+            while True:
+                n = sock.recv_into(buf)
+                if not n:
+                    raise SockDiagError(errno.EIO, "sock_diag dump ended without NLMSG_DONE")
+                if tally.feed(buf, n):
+                    break
+    except BaseException:
+        tally.close()
+        raise
+    return tally.finish(top_n, rank_window)
 

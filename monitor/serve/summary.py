@@ -6,8 +6,8 @@ import threading
 import time
 from collections import deque
 
-from .anomaly import top_time_wait_ports
-from .states import STATE_NAMES
+from monitor.detect.anomaly import top_time_wait_ports
+from monitor.tcp import STATE_NAMES
 
 SCHEMA = 1
 WINDOW_SECONDS = 10.0  # rates cover at least this much of the recent past once the daemon has run that long

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from html import escape
 from importlib import resources
 
-from .summary import FIGURE_TRANSITIONS
+from monitor.serve.summary import FIGURE_TRANSITIONS
 
 REFRESH_SECONDS = 2  # how often page.js polls the summary
 HOT_RATE = 10.0  # per second: an edge at or above it is drawn "hot" (bold label, red)
@@ -323,4 +323,4 @@ def asset(path: str) -> tuple | None:
     if path not in ASSETS:
         return None
     name, ctype = ASSETS[path]
-    return (resources.files("monitor") / "web" / name).read_bytes(), ctype
+    return (resources.files("monitor.serve") / "web" / name).read_bytes(), ctype

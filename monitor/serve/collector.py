@@ -6,11 +6,15 @@ import logging
 import math
 from typing import Callable
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
-from .aggregator import Counts, Histogram
-from .events import DIRECTIONS, FAILURE_REASONS, ROLES
+from monitor.kernel.abi import DIRECTIONS, FAILURE_REASONS, ROLES
+from monitor.kernel.counters import Counts, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +158,7 @@ class StateCollector(Collector):
         self._clock = clock
 
     def collect(self):
-        from .kstats import KERNEL_COUNTERS
+        from monitor.sockets.kstats import KERNEL_COUNTERS
 
         results = self._results()
         now = self._clock()

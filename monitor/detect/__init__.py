@@ -1,0 +1,1 @@
+"""detect: anomaly detectors over the counters and the socket polls, their engine, config and event sinks."""

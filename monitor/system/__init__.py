@@ -1,0 +1,1 @@
+"""system: the process's relations with the OS: privileges dropped after attach, systemd notification, memory handed back."""
