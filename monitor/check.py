@@ -5,8 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from monitor.config import Filters
 from monitor.kernel import btf, probes, tracefs
+from monitor.settings import Filters
 from monitor.sockets import tally
 
 

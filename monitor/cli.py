@@ -13,8 +13,9 @@ import click
 from prometheus_client import CollectorRegistry
 
 from monitor import __version__
-from monitor.config import (
-    CIDR,
+from monitor.kernel.tracefs import TracefsError, detect_layout, ensure_tracefs
+from monitor.options import CIDR, LISTEN_ADDRESS, PORT
+from monitor.settings import (
     DEFAULT_FORECAST_WINDOW,
     DEFAULT_LISTEN_ADDRESS,
     DEFAULT_MAX_OFFENDERS,
@@ -22,12 +23,10 @@ from monitor.config import (
     DEFAULT_RECENT_CLOSES,
     DEFAULT_STATE_INTERVAL,
     DEFAULT_TOP_N,
-    LISTEN_ADDRESS,
-    PORT,
     make_filters,
 )
-from monitor.kernel.tracefs import TracefsError, detect_layout, ensure_tracefs
 from monitor.sockets import tally
+from monitor.timing import WallClock
 
 log = logging.getLogger("tcpstate")
 
@@ -220,8 +219,9 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
       sudo tcpstate run --set rst_storm.rate=50 --events-webhook http://127.0.0.1:9000/hook
       sudo tcpstate run --user nobody --web-config-file /etc/tcpstate/web-config.yml
     """
-    from monitor.detect import anomaly
     from monitor.detect import sinks as notify
+    from monitor.detect.detectors import DETECTORS, build
+    from monitor.detect.engine import Engine
     from monitor.kernel import offenders
     from monitor.kernel.counters import aggregate
     from monitor.kernel.probes import bcc_version
@@ -299,16 +299,16 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
         registry.register(StateCollector(poller.results, poller.errors, time.time))
         poller.start()
         webhook = notify.Webhook(events_webhook) if events_webhook else None
-        detectors = anomaly.build(detector_cfg)
+        detectors = build(detector_cfg)
         # The page's rates come from the engine's one read per tick: no read of the maps of its own.
         sampler, firing = summary.Sampler(), summary.ActiveEvents()
-        engine = anomaly.Engine(detectors, lambda: sampler.observe(aggregate(probes.read(), layout.reason_names)),
+        engine = Engine(detectors, lambda: sampler.observe(aggregate(probes.read(), layout.reason_names)),
                                 poller.results, [events_out, firing] + ([webhook] if webhook else []),
                                 detector_cfg["anomaly"]["interval_seconds"],
-                                read_offenders=lambda: offenders.decode(probes.read_offenders(), time.time(),
+                                read_offenders=lambda: offenders.decode(probes.read_offenders(), WallClock(),
                                                                         time.monotonic_ns()),
                                 top_offenders=detector_cfg["anomaly"]["top_offenders"])
-        registry.register(AnomalyCollector(list(anomaly.DETECTORS), engine.fired, engine.active, webhook))
+        registry.register(AnomalyCollector(list(DETECTORS), engine.fired, engine.active, webhook))
         registry.register(ReloadCollector(lambda: dict(reloads)))
         engine.start()
         kernel = summary.kernel_info(platform.release(), layout, probes.attached)
@@ -374,7 +374,7 @@ def _drop_privileges(exporter, probes, account, netns_paths) -> None:
 def _reload(path, settings, current: dict, engine, probes, reloads: dict) -> dict:
     """SIGHUP: read --config again (with --set on top). A bad file keeps the config in use and
     says why; a good one goes to the detectors and the kernel's windows at once."""
-    from monitor.config import ConfigError, load_detector_config
+    from monitor.detect.config import ConfigError, load_detector_config
 
     if path is None:
         log.info("SIGHUP: no --config file to reload; the thresholds stay as they are")
@@ -405,7 +405,7 @@ def _reload(path, settings, current: dict, engine, probes, reloads: dict) -> dic
 
 
 def _detector_config(path, settings) -> dict:
-    from monitor.config import ConfigError, load_detector_config
+    from monitor.detect.config import ConfigError, load_detector_config
 
     overrides = tuple(x for item in settings for x in item.split())  # the env var is space-separated
     try:
@@ -484,14 +484,14 @@ def watch(include_cidr, exclude_cidr, include_port, as_json):
       sudo tcpstate watch --exclude-cidr 127.0.0.0/8
     """
     from monitor.kernel.abi import DecodeError, decode_event
-    from monitor.kernel.watch import Clock, json_line, table_header, table_row
+    from monitor.kernel.watch import json_line, table_header, table_row
 
     filters = make_filters(include_cidr, exclude_cidr, include_port)
     _require_privileges()
     stop = _stop_event()
     layout = _layout()
     probes = _attach(layout, filters, emit_events=True)
-    clock = Clock()
+    clock = WallClock()
     out = sys.stdout
     decode_errors = 0
     lost_seen = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from monitor.kernel.abi import OFFENDER_KINDS, format_addr
+from monitor.timing import WallClock, rfc3339
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,13 @@ class Peer:
         return f"{who} ({self.count} {self.kind.replace('_', ' ')})"
 
     def as_dict(self) -> dict:
-        from monitor.detect.anomaly import rfc3339
-
         return {"kind": self.kind, "remote": self.remote, "remote_port": self.remote_port,
                 "local_port": self.local_port, "count": self.count, "first_seen": rfc3339(self.first_seen),
                 "last_seen": rfc3339(self.last_seen), "pid": self.pid, "comm": self.comm}
 
 
-def decode(items, wall_now: float, mono_now_ns: int) -> list[Peer]:
-    """items: (events.OffenderKey, events.Offender) pairs. The kernel stamps CLOCK_MONOTONIC;
-    wall_now and mono_now_ns, read together, turn those stamps into wall time."""
+def decode(items, clock: WallClock) -> list[Peer]:
+    """items: (abi.OffenderKey, abi.Offender) pairs; clock turns the kernel's stamps to wall time."""
     peers = []
     for k, v in items:
         if v.count == 0:  # inserted by another CPU a moment ago, not yet counted
@@ -55,8 +53,7 @@ def decode(items, wall_now: float, mono_now_ns: int) -> list[Peer]:
         remote = None if not any(raw) and k.rport == 0 else format_addr(k.family, raw)
         peers.append(Peer(kind=kind, remote=remote,
                           remote_port=k.rport or None, local_port=k.lport or None, count=int(v.count),
-                          first_seen=wall_now - (mono_now_ns - v.first_ns) / 1e9,
-                          last_seen=wall_now - (mono_now_ns - v.last_ns) / 1e9,
+                          first_seen=clock.wall(v.first_ns), last_seen=clock.wall(v.last_ns),
                           pid=v.pid or None, comm=v.comm.decode(errors="replace") if v.pid else None))
     return peers
 

@@ -13,15 +13,15 @@ import threading
 from pathlib import Path
 from typing import NamedTuple
 
-from monitor.config import (
+from monitor.kernel.abi import C, Offender, OffenderKey, bpf_dir
+from monitor.kernel.counters import RawCounters, SocketTable
+from monitor.kernel.tracefs import TRACEPOINTS, Layout
+from monitor.settings import (
     DEFAULT_MAX_OFFENDERS,
     DEFAULT_MAX_SOCKETS,
     DEFAULT_RECENT_CLOSES,
     Filters,
 )
-from monitor.kernel.abi import C, Offender, OffenderKey, bpf_dir
-from monitor.kernel.counters import RawCounters, SocketTable
-from monitor.kernel.tracefs import TRACEPOINTS, Layout
 
 log = logging.getLogger(__name__)
 

@@ -6,21 +6,12 @@ import json
 import time
 
 from monitor.kernel.abi import DecodedEvent
+from monitor.timing import WallClock
 
 COLUMNS = (
     ("TIME", 12), ("KIND", 14), ("SOURCE", 45), ("DESTINATION", 45), ("OLD", 11), ("NEW", 11),
     ("REASON", 24), ("PREV_MS", 10), ("PID", 7), ("COMM", 16),
 )
-
-
-class Clock:
-    """Converts bpf_ktime_get_ns() (CLOCK_MONOTONIC) to wall-clock time."""
-
-    def __init__(self):
-        self.offset_ns = time.time_ns() - time.monotonic_ns()
-
-    def wall(self, ts_ns: int) -> float:
-        return (ts_ns + self.offset_ns) / 1e9
 
 
 def _endpoint(addr: str, port: int) -> str:
@@ -31,7 +22,7 @@ def table_header() -> str:
     return " ".join(name.ljust(width) for name, width in COLUMNS).rstrip()
 
 
-def table_row(ev: DecodedEvent, clock: Clock) -> str:
+def table_row(ev: DecodedEvent, clock: WallClock) -> str:
     wall = clock.wall(ev.ts_ns)
     stamp = time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall * 1000) % 1000:03d}"
     values = (
@@ -42,7 +33,7 @@ def table_row(ev: DecodedEvent, clock: Clock) -> str:
     return " ".join(v.ljust(width) for v, (_, width) in zip(values, COLUMNS)).rstrip()
 
 
-def json_line(ev: DecodedEvent, clock: Clock) -> str:
+def json_line(ev: DecodedEvent, clock: WallClock) -> str:
     wall = clock.wall(ev.ts_ns)
     obj = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall * 1e6) % 1000000:06d}Z",

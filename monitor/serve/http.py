@@ -19,9 +19,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from monitor import __version__
-from monitor.config import ListenAddress
 from monitor.serve import page
 from monitor.serve.webconfig import WebConfig, WebConfigError
+from monitor.settings import ListenAddress
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import threading
 import time
 from collections import deque
 
-from monitor.detect.anomaly import top_time_wait_ports
+from monitor.detect.detectors import top_time_wait_ports
 from monitor.tcp import STATE_NAMES
 
 SCHEMA = 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -27,6 +26,7 @@ from monitor.sockets.sockdiag import (
 from monitor.sockets.tally import Tally, poll
 from monitor.tcp import NUMBERS as STATE_NUMBERS
 from monitor.tcp import STATE_NAMES
+from monitor.timing import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,6 @@ class StatePoller:
         if not 0 < window <= TIME_WAIT_SECONDS:
             raise ValueError(f"forecast window must be in (0, {TIME_WAIT_SECONDS:g}] seconds")
         self.targets = list(targets)
-        self.interval = interval
         self.top_n = top_n
         self.window = window
         # A TIME_WAIT socket with more than this left on its timer entered within the window.
@@ -121,8 +120,7 @@ class StatePoller:
         self._errors: dict[str, int] = {t.label: 0 for t in self.targets}
         self._failing: set[str] = set()
         self._per_family = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic("state poll", self.poll_once, interval)
 
     def results(self) -> dict[str, NamespaceState]:
         return self._results  # replaced whole after each poll, never mutated
@@ -131,22 +129,10 @@ class StatePoller:
         return dict(self._errors)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="statepoll", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self.poll_once()
-            except Exception:  # a bug must not silently end the polling
-                log.exception("state poll failed")
-            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+        self._loop.stop()
 
     def poll_once(self) -> None:
         results = {}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from monitor.config import Filters
 from monitor.kernel.counters import aggregate
 from monitor.kernel.tracefs import detect_layout, ensure_tracefs
+from monitor.settings import Filters
 
 from .netns import NetnsPair
 

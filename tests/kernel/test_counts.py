@@ -4,7 +4,7 @@ import ipaddress
 import socket
 import struct
 
-from monitor.config import Filters
+from monitor.settings import Filters
 
 from . import traffic
 from .conftest import TEST_NET, Meter, attach, nosock_resets

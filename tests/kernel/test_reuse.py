@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from monitor.kernel import offenders
+from monitor.timing import WallClock
 
 from . import traffic
 
@@ -15,7 +16,7 @@ N = 10
 
 
 def peers(probes):
-    return offenders.decode(probes.read_offenders(), time.time(), time.monotonic_ns())
+    return offenders.decode(probes.read_offenders(), WallClock())
 
 
 def one(found, **want):

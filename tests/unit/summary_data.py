@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from monitor.config import Filters
-from monitor.detect.anomaly import Event
+from monitor.detect.event import Event
 from monitor.kernel.counters import Counts
+from monitor.settings import Filters
 from monitor.sockets.kstats import Limits
 from monitor.sockets.poller import REPORTED_STATES, NamespaceState
 

@@ -4,17 +4,19 @@ import json
 
 import pytest
 
-from monitor.config import load_detector_config
-from monitor.detect import anomaly
-from monitor.detect.anomaly import (
+from monitor.detect.config import load_detector_config
+from monitor.detect.detectors import (
+    DETECTORS,
     ConnectFailures,
-    Engine,
-    Event,
+    PortReuse,
+    ResetAfterHandshake,
     RstStorm,
-    Sample,
     TimeWaitBuildup,
-    Window,
+    build,
 )
+from monitor.detect.engine import Engine
+from monitor.detect.event import Event, Sample
+from monitor.detect.window import Window
 from monitor.kernel.counters import Counts
 from monitor.sockets.forecast import forecast
 from monitor.sockets.kstats import Limits
@@ -300,7 +302,7 @@ def firing_engine(config):
         total[0] += 100
         return counts(sent=total[0])
 
-    eng = Engine(anomaly.build(config), read, lambda: {}, [got.append], 1.0, clock=lambda: clock[0])
+    eng = Engine(build(config), read, lambda: {}, [got.append], 1.0, clock=lambda: clock[0])
     for _ in range(3):
         eng.tick()
         clock[0] += 1
@@ -340,7 +342,7 @@ def test_a_reloaded_detector_keeps_the_counts_seen_so_far():
     clock = [T0]
     got = []
     quiet = load_detector_config(overrides=("rst_storm.rate=100000", "rst_storm.baseline_factor=0"))
-    eng = Engine(anomaly.build(quiet), lambda: next(series), lambda: {}, [got.append], 1.0, clock=lambda: clock[0])
+    eng = Engine(build(quiet), lambda: next(series), lambda: {}, [got.append], 1.0, clock=lambda: clock[0])
     eng.tick()
     eng.reconfigure(load_detector_config(overrides=("rst_storm.rate=5", "rst_storm.baseline_factor=0")))
     clock[0] += 1
@@ -358,7 +360,7 @@ def test_reload_that_disables_a_firing_detector_ends_it():
 
 def test_build_honours_enabled():
     c = load_detector_config(overrides=("rst_storm.enabled=false",))
-    assert [d.kind for d in anomaly.build(c)] == ["time_wait_buildup", "connect_failures", "port_reuse",
+    assert [d.kind for d in build(c)] == ["time_wait_buildup", "connect_failures", "port_reuse",
                                                   "reset_after_handshake"]
 
 
@@ -371,7 +373,7 @@ def test_anomaly_metrics():
         sent, failed, dropped = 4, 1, 2
 
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(AnomalyCollector(list(anomaly.DETECTORS), lambda: {"rst_storm": 3}, lambda: {"rst_storm": True},
+    reg.register(AnomalyCollector(list(DETECTORS), lambda: {"rst_storm": 3}, lambda: {"rst_storm": True},
                                   Hook()))
     assert reg.get_sample_value("tcpstate_anomalies_total", {"kind": "rst_storm"}) == 3
     assert reg.get_sample_value("tcpstate_anomalies_total", {"kind": "connect_failures"}) == 0
@@ -391,7 +393,7 @@ def reuse_counts(client, server=0):
 
 
 def test_port_reuse_fires_once_and_resolves():
-    d = anomaly.PortReuse(cfg("port_reuse", window_seconds=10.0, hold_down_seconds=5.0, rate=2.0))
+    d = PortReuse(cfg("port_reuse", window_seconds=10.0, hold_down_seconds=5.0, rate=2.0))
     total, out = 0, []
     for i, inc in enumerate([0] * 10 + [5] * 10 + [0] * 30):  # 5 reuses/s for 10 s
         total += inc
@@ -410,7 +412,7 @@ def test_port_reuse_fires_once_and_resolves():
 
 
 def test_port_reuse_quiet_below_the_rate():
-    d = anomaly.PortReuse(cfg("port_reuse", window_seconds=10.0, rate=2.0))
+    d = PortReuse(cfg("port_reuse", window_seconds=10.0, rate=2.0))
     assert all(d.step(Sample(T0 + i, reuse_counts(i))) is None for i in range(60))  # 1/s
     assert not d.active
 
@@ -433,7 +435,7 @@ def run_early(d, series):
 
 
 def test_reset_after_handshake_rate():
-    d = anomaly.ResetAfterHandshake(cfg("reset_after_handshake", window_seconds=5.0, hold_down_seconds=3.0,
+    d = ResetAfterHandshake(cfg("reset_after_handshake", window_seconds=5.0, hold_down_seconds=3.0,
                                         rate=2.0, fraction=0.0))
     series = [(3 * i, 100 * i, 0) for i in range(10)] + [(27, 100 * i, 0) for i in range(10, 30)]
     out = run_early(d, series)
@@ -447,10 +449,10 @@ def test_reset_after_handshake_rate():
 def test_reset_after_handshake_fraction_needs_min_connections():
     c = cfg("reset_after_handshake", window_seconds=10.0, rate=0.0, fraction=0.5, min_connections=20)
     # Every connection reset, but only 1 per second: 10 in the window, under min_connections.
-    d = anomaly.ResetAfterHandshake(c)
+    d = ResetAfterHandshake(c)
     assert run_early(d, [(i, i, 0) for i in range(30)]) == []
     # Twice as many connections, 60% reset: fires once the window holds 20 of them.
-    d = anomaly.ResetAfterHandshake(c)
+    d = ResetAfterHandshake(c)
     out = run_early(d, [(int(1.2 * i), 2 * i, 0) for i in range(30)])
     (i, fire), = out
     assert i == 10 and fire.value == 0.6 and fire.threshold == 0.5
@@ -462,15 +464,15 @@ def test_reset_after_handshake_fraction_needs_min_connections():
 
 def test_reset_after_handshake_ignores_clients_aborting_on_this_server():
     # Health checks connecting and resetting at once: received early, but by the server end.
-    d = anomaly.ResetAfterHandshake(cfg("reset_after_handshake", window_seconds=5.0))
+    d = ResetAfterHandshake(cfg("reset_after_handshake", window_seconds=5.0))
     assert run_early(d, [(0, i, 0, 50 * i) for i in range(20)]) == []
     assert not d.active
 
 
 def test_reset_after_handshake_sent_only_with_sent_rate():
     series = [(0, 10 * i, 5 * i) for i in range(20)]  # this host aborts 5 connections/s right away
-    assert run_early(anomaly.ResetAfterHandshake(cfg("reset_after_handshake")), series) == []
-    out = run_early(anomaly.ResetAfterHandshake(cfg("reset_after_handshake", sent_rate=4.0)), series)
+    assert run_early(ResetAfterHandshake(cfg("reset_after_handshake")), series) == []
+    out = run_early(ResetAfterHandshake(cfg("reset_after_handshake", sent_rate=4.0)), series)
     assert [e.status for _, e in out] == ["firing"]
     assert out[0][1].summary.startswith("Connections reset by this host within 1 s of the handshake at 5.0/s")
 
@@ -546,10 +548,11 @@ def test_every_offender_kind_event_has_the_key():
 def test_listener_resets_have_no_peer():
     from monitor.kernel.abi import Offender, OffenderKey
     from monitor.kernel.offenders import decode
+    from monitor.timing import WallClock
 
     k, v = OffenderKey(family=2, lport=80, kind=0), Offender(count=7, first_ns=10**9, last_ns=2 * 10**9, pid=9,
                                                              comm=b"nginx")
-    (p,) = decode([(k, v)], T0, 3 * 10**9)
+    (p,) = decode([(k, v)], WallClock(wall_ns=round(T0 * 1e9), mono_ns=3 * 10**9))
     assert p.remote is None and p.as_dict()["remote"] is None
     assert p.last_seen == T0 - 1 and p.first_seen == T0 - 2
     assert p.describe() == "nginx (pid 9) to an unknown peer from local port 80 (7 reset sent)"

@@ -16,10 +16,10 @@ import textwrap
 
 import pytest
 
-from monitor.config import Filters
 from monitor.kernel.abi import bpf_dir
 from monitor.kernel.probes import Probes
 from monitor.kernel.tracefs import parse_format
+from monitor.settings import Filters
 
 from .test_tracefs import DATA, KERNELS, layout_of
 

@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from monitor.config import make_filters, parse_listen_address
+from monitor.settings import make_filters, parse_listen_address
 
 
 @pytest.mark.parametrize("text,host,port", [
@@ -34,7 +34,7 @@ def test_filters_dedupe_and_describe():
 
 
 def test_v4_mapped_cidr_becomes_ipv4():
-    from monitor.config import CIDR
+    from monitor.options import CIDR
 
     assert CIDR.convert("::ffff:198.18.0.0/111", None, None) == ipaddress.ip_network("198.18.0.0/15")
     assert CIDR.convert("2001:db8::/32", None, None) == ipaddress.ip_network("2001:db8::/32")

@@ -188,7 +188,7 @@ def test_entrypoint_cmd_port_user_and_labels():
     assert len(target) == 1
     assert f"deploy/container/entrypoint.sh {target[0]}" in args_of(final, "COPY")
     assert args_of(final, "CMD") == ['["run"]']
-    from monitor.config import DEFAULT_PORT
+    from monitor.settings import DEFAULT_PORT
 
     assert args_of(final, "EXPOSE") == [str(DEFAULT_PORT)]
     assert args_of(final, "USER")[-1] in ("root", "0", "0:0")

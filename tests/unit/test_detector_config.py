@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 from monitor.cli import cli
-from monitor.config import DETECTOR_DEFAULTS, ConfigError, load_detector_config
+from monitor.detect.config import DETECTOR_DEFAULTS, ConfigError, load_detector_config
 
 
 def write(tmp_path, text):

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from monitor.kernel.abi import C, DecodeError, Event, decode_event
-from monitor.kernel.watch import Clock, json_line, table_header, table_row
+from monitor.kernel.watch import json_line, table_header, table_row
+from monitor.timing import WallClock
 
 REASONS = {1: "NO_SOCKET"}
 
@@ -48,10 +49,10 @@ def test_json_and_table_rendering():
     raw = record(family=2, kind=C["TCPSTATE_EV_RESET_RECEIVED"], oldstate=1, reason=C["TCPSTATE_REASON_UNKNOWN"],
                  saddr=bytes([127, 0, 0, 1]), daddr=bytes([127, 0, 0, 1]), sport=1, dport=2)
     ev = decode_event(raw, len(raw), REASONS)
-    obj = json.loads(json_line(ev, Clock()))
+    obj = json.loads(json_line(ev, WallClock()))
     assert obj["kind"] == "reset_received" and obj["state"] == "ESTABLISHED" and obj["reason"] == "UNKNOWN"
     assert obj["time"].endswith("Z") and obj["pid"] is None
-    row = table_row(ev, Clock())
+    row = table_row(ev, WallClock())
     assert "127.0.0.1:1" in row and "reset_received" in row
     assert table_header().split()[:3] == ["TIME", "KIND", "SOURCE"]
     assert ctypes.sizeof(Event) == len(raw)

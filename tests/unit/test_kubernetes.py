@@ -16,7 +16,7 @@ from referencing import Registry, Resource
 
 from monitor import __version__
 from monitor.cli import cli
-from monitor.config import ListenAddress
+from monitor.settings import ListenAddress
 
 ROOT = Path(__file__).resolve().parents[2]
 KDIR = ROOT / "deploy/kubernetes"

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from monitor.detect.anomaly import Event
+from monitor.detect.event import Event
 from monitor.detect.sinks import JsonLines, Webhook
 
 EVENT = Event(1_800_000_000.0, "rst_storm", "firing", "critical", "Resets at 500.0/s", 500.0, 100.0, 10.0,

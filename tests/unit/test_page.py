@@ -9,9 +9,9 @@ from html.parser import HTMLParser
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitor.config import ListenAddress
 from monitor.serve import page, summary
 from monitor.serve.http import Exporter
+from monitor.settings import ListenAddress
 from monitor.sockets.poller import REPORTED_STATES
 
 from ..browser import Browser

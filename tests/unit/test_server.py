@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import GaugeMetricFamily
 
-from monitor.config import ListenAddress
 from monitor.serve.http import PAUSE_GRACE, Exporter, ServerError
+from monitor.settings import ListenAddress
 
 
 def get(url):

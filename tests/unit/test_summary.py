@@ -4,7 +4,7 @@ import json
 import re
 from pathlib import Path
 
-from monitor.detect.anomaly import Event
+from monitor.detect.event import Event
 from monitor.kernel.counters import Counts
 from monitor.serve import summary
 

@@ -19,11 +19,11 @@ import bcrypt
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from monitor.config import ListenAddress
 from monitor.serve import http as server
 from monitor.serve import webconfig
 from monitor.serve.http import Exporter
 from monitor.serve.webconfig import WebConfigError
+from monitor.settings import ListenAddress
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"

@@ -1,137 +1,8 @@
-"""config.py: validated settings (filters, listen address) and the click types that parse them."""
+"""config.py: the anomaly detectors' thresholds: defaults, then a TOML file (--config), then --set overrides, each checked."""
 
 from __future__ import annotations
 
-import ipaddress
-from dataclasses import dataclass
-
-import click
-
-DEFAULT_PORT = 9966
-DEFAULT_LISTEN_ADDRESS = f":{DEFAULT_PORT}"
-DEFAULT_MAX_SOCKETS = 65536
-DEFAULT_RECENT_CLOSES = 65536  # 4-tuples remembered for port-reuse counting
-DEFAULT_MAX_OFFENDERS = 4096  # peers remembered as evidence for anomaly events
-DEFAULT_STATE_INTERVAL = 5.0  # seconds between socket-table polls
-DEFAULT_TOP_N = 10  # ports and remote endpoints exported by name
-DEFAULT_FORECAST_WINDOW = 30.0  # seconds of TIME_WAIT entries behind the rate
-
-
-@dataclass(frozen=True)
-class Filters:
-    """In-kernel filters. A connection matches when either endpoint address is in an
-    include CIDR (if any are given), neither is in an exclude CIDR, and either port is an
-    include port (if any are given)."""
-
-    include_cidrs: tuple = ()
-    exclude_cidrs: tuple = ()
-    include_ports: tuple = ()
-
-    def describe(self) -> str:
-        parts = []
-        if self.include_cidrs:
-            parts.append("include " + ",".join(map(str, self.include_cidrs)))
-        if self.exclude_cidrs:
-            parts.append("exclude " + ",".join(map(str, self.exclude_cidrs)))
-        if self.include_ports:
-            parts.append("ports " + ",".join(map(str, self.include_ports)))
-        return "; ".join(parts) or "none"
-
-
-@dataclass(frozen=True)
-class ListenAddress:
-    host: str
-    port: int
-
-    def __str__(self) -> str:  # host "" means every address
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-class CidrType(click.ParamType):
-    name = "CIDR"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
-            return value
-        try:
-            return normalize_cidr(ipaddress.ip_network(str(value).strip(), strict=False))
-        except ValueError:
-            self.fail(f"{value!r} is not an IPv4 or IPv6 CIDR (e.g. 10.0.0.0/8, 2001:db8::/32)", param, ctx)
-
-
-_V4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
-
-
-def normalize_cidr(net):
-    """A v4-mapped IPv6 CIDR (::ffff:a.b.c.d/N, N >= 96) becomes the IPv4 CIDR it denotes:
-    the kernel side matches v4-mapped addresses against the IPv4 tables."""
-    if net.version == 6 and net.prefixlen >= 96 and net.subnet_of(_V4_MAPPED):
-        return ipaddress.ip_network((net.network_address.ipv4_mapped, net.prefixlen - 96))
-    return net
-
-
-class PortType(click.ParamType):
-    name = "PORT"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
-            return value
-        text = str(value).strip()
-        if not text.isdigit() or not 1 <= int(text) <= 65535:
-            self.fail(f"{value!r} is not a port number (1-65535)", param, ctx)
-        return int(text)
-
-
-def parse_listen_address(text: str) -> ListenAddress:
-    """HOST:PORT, [V6]:PORT or :PORT (every address, IPv4 and IPv6). Raises ValueError with the reason."""
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep:
-            raise ValueError("an IPv6 address is written [ADDR]:PORT")
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            raise ValueError("expected HOST:PORT, e.g. :9966 or 127.0.0.1:9966")
-        if ":" in host:
-            raise ValueError("an IPv6 address is written [ADDR]:PORT")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{port!r} is not a port number (0-65535)")
-    if host:
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            if not all(part.isalnum() or part == "-" for part in host.replace(".", " ").split()) or " " in host:
-                raise ValueError(f"{host!r} is not an IP address or host name") from None
-    return ListenAddress(host=host, port=int(port))
-
-
-class ListenAddressType(click.ParamType):
-    name = "HOST:PORT"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, ListenAddress):
-            return value
-        try:
-            return parse_listen_address(str(value))
-        except ValueError as exc:
-            self.fail(f"{value!r}: {exc}", param, ctx)
-
-
-CIDR = CidrType()
-PORT = PortType()
-LISTEN_ADDRESS = ListenAddressType()
-
-
-def make_filters(include_cidr=(), exclude_cidr=(), include_port=()) -> Filters:
-    return Filters(
-        include_cidrs=tuple(dict.fromkeys(include_cidr)),
-        exclude_cidrs=tuple(dict.fromkeys(exclude_cidr)),
-        include_ports=tuple(sorted(set(include_port))),
-    )
-
-
-# --- anomaly detectors: thresholds from defaults, then a TOML file (--config), then --set --------
+import tomllib
 
 SEVERITIES = ("info", "warning", "critical")
 # section -> key -> default. Rates are per second; 0 turns a condition off; fractions are 0..1.
@@ -215,7 +86,7 @@ def check_value(section: str, key: str, value):
 
 def load_detector_config(path: str | None = None, overrides: tuple = ()) -> dict:
     """Defaults, then the TOML file at path, then overrides ("section.key=value", TOML values)."""
-    import tomllib
+
 
     cfg = {section: dict(keys) for section, keys in DETECTOR_DEFAULTS.items()}
     if path is not None:
