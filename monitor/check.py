@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from monitor.kernel import btf, probes, tracefs
 from monitor.settings import Filters
 from monitor.sockets import tally
+from monitor.system import privileges
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class Item:
 
 def run_checks() -> list[Item]:
     items: list[Item] = []
-    ok, why = probes.running_as_privileged()
+    ok, why = privileges.can_load_programs()
     items.append(Item("OK" if ok else "FAIL", "privileges", why))
 
     try:

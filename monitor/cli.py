@@ -1,20 +1,24 @@
-"""cli.py: the `tcpstate` command group (run, check, watch)."""
+"""cli.py: the `tcpstate` command group (run, check, watch, config-check): options parsed and checked, then handed on."""
 
 from __future__ import annotations
 
 import logging
-import platform
 import signal
 import sys
 import threading
-import time
 
 import click
-from prometheus_client import CollectorRegistry
 
 from monitor import __version__
-from monitor.kernel.tracefs import TracefsError, detect_layout, ensure_tracefs
+from monitor.check import run_checks
+from monitor.daemon import Daemon, DaemonError, RunOptions
+from monitor.detect.config import ConfigError, load_detector_config, split_overrides
+from monitor.detect.sinks import JsonLines
+from monitor.kernel.probes import ProbeError, open_probes
+from monitor.kernel.tracefs import TracefsError
+from monitor.kernel.watch import stream
 from monitor.options import CIDR, LISTEN_ADDRESS, PORT
+from monitor.serve import webconfig
 from monitor.settings import (
     DEFAULT_FORECAST_WINDOW,
     DEFAULT_LISTEN_ADDRESS,
@@ -26,7 +30,8 @@ from monitor.settings import (
     make_filters,
 )
 from monitor.sockets import tally
-from monitor.timing import WallClock
+from monitor.sockets.poller import Target
+from monitor.system import privileges
 
 log = logging.getLogger("tcpstate")
 
@@ -79,41 +84,9 @@ def _setup_logging(level: str) -> None:
 
 
 def _require_privileges() -> None:
-    from monitor.kernel.probes import running_as_privileged
-
-    ok, why = running_as_privileged()
+    ok, why = privileges.can_load_programs()
     if not ok:
         raise Fatal(why)
-
-
-def _layout():
-    try:
-        root = ensure_tracefs()
-    except TracefsError as exc:
-        raise Fatal(str(exc)) from None
-    layout = detect_layout(root)
-    for tp, usable in layout.probe_states().items():
-        log.log(logging.INFO if usable else logging.WARNING, "tracepoint %s: %s", tp,
-                layout.describe(tp.split(":", 1)[1]))
-    if layout.btf_problem:
-        log.warning("kernel BTF: %s", layout.btf_problem)
-    for sig in layout.signals():
-        if sig.source:
-            log.info("%s: counted from %s", sig.name, sig.source)
-        else:
-            log.warning("%s: running without them: %s", sig.name, sig.missing)
-    return layout
-
-
-def _attach(layout, filters, **kwargs):
-    from monitor.kernel.probes import ProbeError, Probes
-
-    probes = Probes(layout, filters, **kwargs)
-    try:
-        probes.attach()
-    except ProbeError as exc:
-        raise Fatal(str(exc)) from None
-    return probes
 
 
 def _stop_event() -> threading.Event:
@@ -219,23 +192,6 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
       sudo tcpstate run --set rst_storm.rate=50 --events-webhook http://127.0.0.1:9000/hook
       sudo tcpstate run --user nobody --web-config-file /etc/tcpstate/web-config.yml
     """
-    from monitor.detect import sinks as notify
-    from monitor.detect.detectors import DETECTORS, build
-    from monitor.detect.engine import Engine
-    from monitor.kernel import offenders
-    from monitor.kernel.counters import aggregate
-    from monitor.kernel.probes import bcc_version
-    from monitor.serve import summary, webconfig
-    from monitor.serve.collector import (
-        AnomalyCollector,
-        ReloadCollector,
-        StateCollector,
-        TcpstateCollector,
-    )
-    from monitor.serve.http import Exporter, ServerError
-    from monitor.sockets.poller import StatePoller, Target
-    from monitor.system import memory, privileges, sdnotify
-
     detector_cfg = _detector_config(config_path, settings)
     web = None
     if web_config_path:
@@ -251,165 +207,38 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
             raise click.BadParameter(str(exc), param_hint="'--user'") from None
     if events_webhook and not events_webhook.startswith(("http://", "https://")):
         raise click.BadParameter(f"{events_webhook!r} is not an http:// or https:// URL", param_hint="'--events-webhook'")
-    try:
-        events_out = notify.JsonLines(sys.stdout) if events_path == "-" else notify.JsonLines.open(events_path)
-    except OSError as exc:
-        raise click.BadParameter(f"{events_path}: cannot open: {exc.strerror}", param_hint="'--events'") from None
-    stop = _stop_event()
-    reload_wanted = threading.Event()
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: reload_wanted.set())
-    reloads = {"success": 0, "failure": 0, "last_ok": True, "last_success": time.time()}
-    filters = make_filters(include_cidr, exclude_cidr, include_port)
     targets = [Target.own()] + [Target.from_path(p) for p in netns_paths]
     labels = [t.label for t in targets]
     for t in targets:
         if labels.count(t.label) > 1:
             raise click.BadParameter(f"{t.path or 'the own namespace'} gives the label {t.label!r} twice",
                                      param_hint="'--netns'")
+    try:
+        events_out = JsonLines(sys.stdout) if events_path == "-" else JsonLines.open(events_path)
+    except OSError as exc:
+        raise click.BadParameter(f"{events_path}: cannot open: {exc.strerror}", param_hint="'--events'") from None
+    stop = _stop_event()
+    reload = threading.Event()
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: reload.set())
     _require_privileges()
     if tally.LIB is None:
         raise Fatal(f"cannot count socket tables: {tally.UNAVAILABLE}")
-    systemd = sdnotify.Notifier()
-    registry = CollectorRegistry(auto_describe=False)
-    exporter = Exporter(listen_address, registry, filters.describe(), web_config=web)
+    opts = RunOptions(listen=listen_address, filters=make_filters(include_cidr, exclude_cidr, include_port),
+                      max_sockets=max_sockets, recent_closes=recent_closes, max_offenders=max_offenders,
+                      state_interval=state_interval, top_n=top_n, targets=tuple(targets),
+                      forecast_window=forecast_window, config_path=config_path, overrides=split_overrides(settings),
+                      detector_cfg=detector_cfg, events_out=events_out, webhook_url=events_webhook, web=web,
+                      account=account)
     try:
-        exporter.start()
-    except ServerError as exc:
+        Daemon(opts).run(stop, reload)
+    except DaemonError as exc:
         raise Fatal(str(exc)) from None
-    probes = None
-    poller = engine = webhook = None
-    try:
-        layout = _layout()
-        log.info("filters: %s", filters.describe())
-        probes = _attach(layout, filters, max_sockets=max_sockets, recent_closes=recent_closes,
-                         max_offenders=max_offenders,
-                         reuse_window=detector_cfg["port_reuse"]["reuse_within_seconds"],
-                         early_reset_within=detector_cfg["reset_after_handshake"]["within_seconds"])
-        if stop.is_set():  # a signal came while the program compiled
-            return 0
-        build = {"version": __version__, "kernel": platform.release(), "bcc_version": bcc_version(),
-                 "send_reset_layout": layout.send_reset_variant or "none"}
-        registry.register(TcpstateCollector(lambda: aggregate(probes.read(), layout.reason_names, probes.program_stats(),
-                                                              probes.socket_table()),
-                                            lambda: probes.attached, build))
-        _drop_privileges(exporter, probes, account, netns_paths)
-        log.info(memory.release_compiler_memory())
-        log.info("socket tables: counted by %s", tally.LIBRARY)
-        poller = StatePoller(targets, state_interval, top_n, forecast_window)
-        registry.register(StateCollector(poller.results, poller.errors, time.time))
-        poller.start()
-        webhook = notify.Webhook(events_webhook) if events_webhook else None
-        detectors = build(detector_cfg)
-        # The page's rates come from the engine's one read per tick: no read of the maps of its own.
-        sampler, firing = summary.Sampler(), summary.ActiveEvents()
-        engine = Engine(detectors, lambda: sampler.observe(aggregate(probes.read(), layout.reason_names)),
-                                poller.results, [events_out, firing] + ([webhook] if webhook else []),
-                                detector_cfg["anomaly"]["interval_seconds"],
-                                read_offenders=lambda: offenders.decode(probes.read_offenders(), WallClock(),
-                                                                        time.monotonic_ns()),
-                                top_offenders=detector_cfg["anomaly"]["top_offenders"])
-        registry.register(AnomalyCollector(list(DETECTORS), engine.fired, engine.active, webhook))
-        registry.register(ReloadCollector(lambda: dict(reloads)))
-        engine.start()
-        kernel = summary.kernel_info(platform.release(), layout, probes.attached)
-        exporter.summary = lambda: summary.build(sampler.span(), poller.results(), firing.events(), kernel, filters,
-                                                 __version__)
-        log.info("anomaly detectors: %s", ", ".join(d.kind for d in detectors) or "none")
-        exporter.ready.set()
-        scheme = web.scheme if web else "http"
-        log.info("ready: serving %s://%s/metrics%s", scheme, listen_address, f" ({web.describe()})" if web else "")
-        systemd.ready(f"serving {scheme}://{listen_address}/metrics; "
-                      f"{sum(probes.attached.values())} of {len(probes.attached)} tracepoints attached")
-        while not stop.wait(0.2):  # signal handlers only set flags: the work happens here
-            if reload_wanted.is_set():
-                reload_wanted.clear()
-                detector_cfg = _reload(config_path, settings, detector_cfg, engine, probes, reloads)
-    finally:
-        systemd.stopping()
-        exporter.stop()
-        if engine is not None:
-            engine.stop()
-        if webhook is not None:
-            webhook.close()
-        events_out.close()
-        if poller is not None:
-            poller.stop()
-        if probes is not None:
-            probes.close()
-        systemd.close()
-        log.info("stopped")
     return 0
 
 
-def _drop_privileges(exporter, probes, account, netns_paths) -> None:
-    """Credentials are per thread: the HTTP thread pauses so that the process has one thread
-    while they change, and every thread started later inherits the dropped set."""
-    from monitor.system.privileges import (
-        PrivilegeError,
-        ReadsRefused,
-        drop_after_attach,
-        netns_needs,
-    )
-
-    def reads():
-        probes.read()
-        probes.read_offenders()
-        probes.program_stats()
-        probes.socket_table()
-
-    exporter.pause()
-    try:
-        log.info(drop_after_attach(reads, account, netns_needs(netns_paths)))
-    except ReadsRefused as exc:
-        if account is not None:
-            raise Fatal(f"cannot become user {account.name}: {exc.strerror}; run without --user") from None
-        log.warning("privileges kept: %s", exc.strerror)
-    except PrivilegeError as exc:  # a half-done drop is no state to serve in
-        who = f"become user {account.name}" if account is not None else "drop privileges"
-        raise Fatal(f"cannot {who}: {exc.strerror}") from None
-    finally:
-        exporter.resume()
-
-
-def _reload(path, settings, current: dict, engine, probes, reloads: dict) -> dict:
-    """SIGHUP: read --config again (with --set on top). A bad file keeps the config in use and
-    says why; a good one goes to the detectors and the kernel's windows at once."""
-    from monitor.detect.config import ConfigError, load_detector_config
-
-    if path is None:
-        log.info("SIGHUP: no --config file to reload; the thresholds stay as they are")
-        return current
-    def failed(why) -> dict:
-        reloads["failure"] += 1
-        reloads["last_ok"] = False
-        log.error("config reload failed, keeping the previous config: %s", why)
-        return current
-
-    overrides = tuple(x for item in settings for x in item.split())
-    try:
-        cfg = load_detector_config(path, overrides)
-    except ConfigError as exc:
-        return failed(exc)
-    windows = (cfg["port_reuse"]["reuse_within_seconds"], cfg["reset_after_handshake"]["within_seconds"])
-    try:
-        if windows != (probes.reuse_window, probes.early_reset_within):
-            probes.set_windows(*windows)
-    except Exception as exc:  # noqa: BLE001 (bcc raises bare exceptions): keep what the kernel has
-        return failed(f"cannot update the kernel's windows: {exc}")
-    changed = engine.reconfigure(cfg)
-    reloads["success"] += 1
-    reloads["last_ok"] = True
-    reloads["last_success"] = time.time()
-    log.info("config reloaded from %s: %s", path, "changed " + ", ".join(changed) if changed else "no changes")
-    return cfg
-
-
 def _detector_config(path, settings) -> dict:
-    from monitor.detect.config import ConfigError, load_detector_config
-
-    overrides = tuple(x for item in settings for x in item.split())  # the env var is space-separated
     try:
-        return load_detector_config(path, overrides)
+        return load_detector_config(path, split_overrides(settings))
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="'--config'" if path and not str(exc).startswith("--set")
                                  else "'--set'") from None
@@ -456,7 +285,6 @@ def check():
     Example:
       sudo tcpstate check
     """
-    from monitor.check import run_checks
 
     items = run_checks()
     for item in items:
@@ -483,56 +311,23 @@ def watch(include_cidr, exclude_cidr, include_port, as_json):
       sudo tcpstate watch --include-port 5432 --json | jq .
       sudo tcpstate watch --exclude-cidr 127.0.0.0/8
     """
-    from monitor.kernel.abi import DecodeError, decode_event
-    from monitor.kernel.watch import json_line, table_header, table_row
-
     filters = make_filters(include_cidr, exclude_cidr, include_port)
     _require_privileges()
     stop = _stop_event()
-    layout = _layout()
-    probes = _attach(layout, filters, emit_events=True)
-    clock = WallClock()
-    out = sys.stdout
-    decode_errors = 0
-    lost_seen = 0
-
-    def on_event(data, size):
-        nonlocal decode_errors
-        try:
-            ev = decode_event(data, size, layout.reason_names)
-        except DecodeError:
-            decode_errors += 1
-            return
-        out.write((json_line(ev, clock) if as_json else table_row(ev, clock)) + "\n")
-
-    def report_lost():
-        nonlocal lost_seen
-        lost = probes.read_stats()["events_lost"]
-        if lost > lost_seen:
-            click.echo(f"tcpstate: lost {lost - lost_seen} events (ring buffer full; {lost} in all)", err=True)
-            lost_seen = lost
-
     try:
-        if not as_json:
-            out.write(table_header() + "\n")
-        probes.open_events(on_event)
-        log.info("watching (filters: %s); Ctrl-C stops", filters.describe())
-        next_report = time.monotonic() + 1
-        while not stop.is_set():
-            probes.poll_events(200)
-            out.flush()
-            if time.monotonic() >= next_report:
-                report_lost()
-                next_report = time.monotonic() + 1
-        probes.drain_events()  # what is already in the buffer was not lost: print it before the tally
-        out.flush()
-        report_lost()
+        probes = open_probes(filters, emit_events=True)
+    except (TracefsError, ProbeError) as exc:
+        raise Fatal(str(exc)) from None
+    log.info("watching (filters: %s); Ctrl-C stops", filters.describe())
+    try:
+        skipped = stream(probes, sys.stdout, as_json, stop, lambda line: click.echo(line, err=True))
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`); nothing left to say
+        return 0
     finally:
         probes.close()
-    if decode_errors:
-        click.echo(f"tcpstate: {decode_errors} records had an unexpected size and were skipped", err=True)
+    if skipped:
+        click.echo(f"tcpstate: {skipped} records had an unexpected size and were skipped", err=True)
     return 0
 
 

@@ -84,6 +84,12 @@ def check_value(section: str, key: str, value):
     return type(default)(value)
 
 
+def split_overrides(items) -> tuple[str, ...]:
+    """--set values as given: repeated options, each of which may hold several (TCPSTATE_SET is
+    space-separated)."""
+    return tuple(x for item in items for x in item.split())
+
+
 def load_detector_config(path: str | None = None, overrides: tuple = ()) -> dict:
     """Defaults, then the TOML file at path, then overrides ("section.key=value", TOML values)."""
 

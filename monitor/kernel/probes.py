@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from monitor.kernel.abi import C, Offender, OffenderKey, bpf_dir
-from monitor.kernel.counters import RawCounters, SocketTable
-from monitor.kernel.tracefs import TRACEPOINTS, Layout
+from monitor.kernel.counters import Counts, RawCounters, SocketTable, aggregate
+from monitor.kernel.tracefs import TRACEPOINTS, Layout, detect_layout, ensure_tracefs
 from monitor.settings import (
     DEFAULT_MAX_OFFENDERS,
     DEFAULT_MAX_SOCKETS,
@@ -257,6 +257,17 @@ class Probes:
         # Kernels before 5.6 have no batch lookup for arrays.
         return tuple(sum(table.getvalue(table.Key(i))) & 0xFFFFFFFFFFFFFFFF for i in range(n))
 
+    def counts(self) -> Counts:
+        """Every counter named, with the programs' own stats and the socket table: what a scrape shows."""
+        return aggregate(self.read(), self.layout.reason_names, self.program_stats(), self.socket_table())
+
+    def read_everything(self) -> None:
+        """Every map read the daemon makes once it runs, for the privilege drop to try first."""
+        self.read()
+        self.read_offenders()
+        self.program_stats()
+        self.socket_table()
+
     def read(self) -> RawCounters:
         with self._lock:  # concurrent scrapes share the read buffers; close() waits for them
             if self.bpf is None:
@@ -383,21 +394,21 @@ class Probes:
                 self.bpf = None
 
 
-def running_as_privileged() -> tuple[bool, str]:
-    """Root, or the capabilities BPF tracepoints need (CAP_BPF+CAP_PERFMON, or CAP_SYS_ADMIN)."""
-    if os.geteuid() == 0:
-        return True, "running as root"
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                eff = int(line.split()[1], 16)
-                break
+def open_probes(filters: Filters = Filters(), **kwargs) -> Probes:
+    """This kernel's tracepoints found (tracefs mounted if need be) and said in the log, how each
+    count is read here, and the program compiled, loaded and attached. kwargs: Probes'. Raises
+    TracefsError or ProbeError, one line each."""
+    layout = detect_layout(ensure_tracefs())
+    for tp, usable in layout.probe_states().items():
+        log.log(logging.INFO if usable else logging.WARNING, "tracepoint %s: %s", tp,
+                layout.describe(tp.split(":", 1)[1]))
+    if layout.btf_problem:
+        log.warning("kernel BTF: %s", layout.btf_problem)
+    for sig in layout.signals():
+        if sig.source:
+            log.info("%s: counted from %s", sig.name, sig.source)
         else:
-            eff = 0
-    except OSError:
-        eff = 0
-    sys_admin, perfmon, bpf_cap = bool(eff >> 21 & 1), bool(eff >> 38 & 1), bool(eff >> 39 & 1)
-    if sys_admin or (perfmon and bpf_cap):
-        return True, "has the capabilities to load BPF tracepoint programs"
-    return False, "not root and lacks CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN): run with sudo"
-
+            log.warning("%s: running without them: %s", sig.name, sig.missing)
+    probes = Probes(layout, filters, **kwargs)
+    probes.attach()
+    return probes

@@ -1,11 +1,13 @@
-"""watch.py: format the live event stream as an aligned table or JSON lines."""
+"""watch.py: the live event stream of `tcpstate watch`: the ring buffer read, each record printed as a table row or a JSON line, losses told."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
+from typing import Callable, TextIO
 
-from monitor.kernel.abi import DecodedEvent
+from monitor.kernel.abi import DecodedEvent, DecodeError, decode_event
 from monitor.timing import WallClock
 
 COLUMNS = (
@@ -52,3 +54,44 @@ def json_line(ev: DecodedEvent, clock: WallClock) -> str:
     obj["pid"] = ev.pid or None
     obj["comm"] = ev.comm or None
     return json.dumps(obj, separators=(",", ":"))
+
+
+def stream(probes, out: TextIO, as_json: bool, stop: threading.Event, say: Callable[[str], None]) -> int:
+    """Print every record of probes' ring buffer (opened with emit_events) until stop is set, then
+    detach, print what is left, and tell the losses: every record is printed or counted lost.
+    say: a line for the user (stderr). Returns the records of an unexpected size, skipped."""
+    clock = WallClock()
+    reasons = probes.layout.reason_names
+    skipped = 0
+    lost_seen = 0
+
+    def on_event(data, size):
+        nonlocal skipped
+        try:
+            ev = decode_event(data, size, reasons)
+        except DecodeError:
+            skipped += 1
+            return
+        out.write((json_line(ev, clock) if as_json else table_row(ev, clock)) + "\n")
+
+    def report_lost():
+        nonlocal lost_seen
+        lost = probes.read_stats()["events_lost"]
+        if lost > lost_seen:
+            say(f"tcpstate: lost {lost - lost_seen} events (ring buffer full; {lost} in all)")
+            lost_seen = lost
+
+    if not as_json:
+        out.write(table_header() + "\n")
+    probes.open_events(on_event)
+    next_report = time.monotonic() + 1
+    while not stop.is_set():
+        probes.poll_events(200)
+        out.flush()
+        if time.monotonic() >= next_report:
+            report_lost()
+            next_report = time.monotonic() + 1
+    probes.drain_events()  # what is already in the buffer was not lost: print it before the tally
+    out.flush()
+    report_lost()
+    return skipped

@@ -61,7 +61,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         path = self.path.split("?", 1)[0]
-        app: Exporter = self.server.app
+        app: HttpServer = self.server.app
         web = app.web_config
         if web is not None:
             try:
@@ -106,7 +106,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"not found\n", "text/plain")
 
-    def _page(self, app: "Exporter", query: str) -> None:
+    def _page(self, app: "HttpServer", query: str) -> None:
         ready = app.ready.is_set()
         if app.summary is None:
             body = LANDING.format(version=__version__, ready="ready" if ready else "not ready",
@@ -269,7 +269,7 @@ def _refuse_plain_http(sock: socket.socket) -> None:
         pass
 
 
-class Exporter:
+class HttpServer:
     """Owns the registry and the HTTP server thread."""
 
     def __init__(self, listen: ListenAddress, registry: CollectorRegistry, filters_text: str = "none",

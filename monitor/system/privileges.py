@@ -128,6 +128,20 @@ def status(path: str = "/proc/self/status") -> dict:
     return out
 
 
+def can_load_programs() -> tuple[bool, str]:
+    """Root, or the capabilities BPF tracepoints need (CAP_BPF+CAP_PERFMON, or CAP_SYS_ADMIN),
+    and why not."""
+    if os.geteuid() == 0:
+        return True, "running as root"
+    try:
+        eff = status()["CapEff"]
+    except (OSError, KeyError):
+        eff = 0
+    if eff >> CAP_SYS_ADMIN & 1 or (eff >> CAP_PERFMON & 1 and eff >> CAP_BPF & 1):
+        return True, "has the capabilities to load BPF tracepoint programs"
+    return False, "not root and lacks CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN): run with sudo"
+
+
 def describe(caps: Iterable[int]) -> str:
     names = sorted(NAMES.get(c, f"cap {c}") for c in caps)
     return ", ".join(names) or "none"

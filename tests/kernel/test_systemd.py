@@ -52,7 +52,7 @@ def test_install_puts_the_daemon_unit_and_defaults_in_place(install):
     assert install["defaults"].read_text() == (ROOT / "deploy/systemd/tcpstate.default").read_text()
     assert (prefix / "share/doc/tcpstate/README.md").is_file()
     # The installed copy runs on its own: its package and BPF sources, not this checkout's.
-    where = subprocess.run([prefix / "bin/python", "-c", "import monitor.events as e; print(e.__file__, e.bpf_dir())"],
+    where = subprocess.run([prefix / "bin/python", "-c", "import monitor.kernel.abi as e; print(e.__file__, e.bpf_dir())"],
                            cwd="/", capture_output=True, text=True, check=True).stdout.split()
     assert where[0].startswith(f"{prefix}/lib/") and where[1].startswith(f"{prefix}/lib/")
     assert (Path(where[1]) / "tcpstate.c").read_text() == (ROOT / "bpf/tcpstate.c").read_text()

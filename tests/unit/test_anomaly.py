@@ -367,7 +367,7 @@ def test_build_honours_enabled():
 def test_anomaly_metrics():
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from monitor.serve.collector import AnomalyCollector
+    from monitor.serve.collectors.anomalies import AnomalyCollector
 
     class Hook:
         sent, failed, dropped = 4, 1, 2

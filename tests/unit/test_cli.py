@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from monitor.cli import cli
-from monitor.kernel import probes
+from monitor.system import privileges
 
 
 def invoke(*args):
@@ -56,14 +56,14 @@ def test_group_help_lists_commands():
 
 
 def test_not_privileged_is_one_clear_line(monkeypatch):
-    monkeypatch.setattr(probes, "running_as_privileged", lambda: (False, "not root and lacks CAP_BPF: run with sudo"))
+    monkeypatch.setattr(privileges, "can_load_programs", lambda: (False, "not root and lacks CAP_BPF: run with sudo"))
     res = invoke("run", "--listen-address", "127.0.0.1:0")
     assert res.exit_code == 1
     assert res.stderr.strip() == "tcpstate: error: not root and lacks CAP_BPF: run with sudo"
 
 
 def test_listen_port_in_use_is_one_clear_line(monkeypatch):
-    monkeypatch.setattr(probes, "running_as_privileged", lambda: (True, "ok"))
+    monkeypatch.setattr(privileges, "can_load_programs", lambda: (True, "ok"))
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
     holder.listen(1)

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from monitor.kernel.abi import C
 from monitor.kernel.counters import RawCounters, SocketTable, aggregate, empty_raw
-from monitor.serve.collector import TcpstateCollector
+from monitor.serve.collectors.kernel import KernelCollector
 from monitor.tcp import NUMBERS
 
 NS, NR = C["TCPSTATE_NSTATES"], C["TCPSTATE_NREASONS"]
@@ -61,7 +61,7 @@ def registry_for(counts):
     reg = CollectorRegistry(auto_describe=False)
     build = {"version": "0.1.0", "kernel": "6.18.44", "bcc_version": "0.26.0", "send_reset_layout": "sockaddr"}
     attached = {"sock:inet_sock_set_state": True, "tcp:tcp_send_reset": True, "tcp:tcp_receive_reset": False}
-    reg.register(TcpstateCollector(lambda: counts, lambda: attached, build))
+    reg.register(KernelCollector(lambda: counts, lambda: attached, build))
     return reg
 
 
@@ -220,7 +220,8 @@ def test_failed_read_keeps_the_rest_of_the_scrape():
         raise OSError("map gone")
 
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(TcpstateCollector(broken, lambda: {"sock:inet_sock_set_state": True}, {"version": "x"}))
+    reg.register(KernelCollector(broken, lambda: {"sock:inet_sock_set_state": True},
+                                   {"version": "x", "kernel": "k", "bcc_version": "b", "send_reset_layout": "l"}))
     text = generate_latest(reg).decode()
     assert "tcpstate_map_read_errors_total 1.0" in text
     assert 'tcpstate_probe_attached{tracepoint="sock:inet_sock_set_state"} 1.0' in text

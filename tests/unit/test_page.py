@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from monitor.serve import page, summary
-from monitor.serve.http import Exporter
+from monitor.serve.http import HttpServer
 from monitor.settings import ListenAddress
 from monitor.sockets.poller import REPORTED_STATES
 
@@ -117,7 +117,7 @@ def get(url):
 
 @pytest.fixture
 def served():
-    exp = Exporter(ListenAddress("127.0.0.1", 0), CollectorRegistry(), filters_text="include 198.18.0.0/15")
+    exp = HttpServer(ListenAddress("127.0.0.1", 0), CollectorRegistry(), filters_text="include 198.18.0.0/15")
     exp.start()
     yield exp, f"http://127.0.0.1:{exp.port}"
     exp.stop()

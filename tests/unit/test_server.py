@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import GaugeMetricFamily
 
-from monitor.serve.http import PAUSE_GRACE, Exporter, ServerError
+from monitor.serve.http import PAUSE_GRACE, HttpServer, ServerError
 from monitor.settings import ListenAddress
 
 
@@ -26,7 +26,7 @@ def get(url):
 def exporter():
     reg = CollectorRegistry()
     Gauge("tcpstate_test_value", "A test value.", registry=reg).set(7)
-    exp = Exporter(ListenAddress("127.0.0.1", 0), reg, filters_text="include <10.0.0.0/8>")
+    exp = HttpServer(ListenAddress("127.0.0.1", 0), reg, filters_text="include <10.0.0.0/8>")
     exp.start()
     yield exp
     exp.stop()
@@ -55,7 +55,7 @@ def test_openmetrics_on_request(exporter):
 
 
 def test_all_addresses_serves_ipv4_and_ipv6():
-    exp = Exporter(ListenAddress("", 0), CollectorRegistry())
+    exp = HttpServer(ListenAddress("", 0), CollectorRegistry())
     exp.start()
     try:
         for host in ("127.0.0.1", "[::1]"):
@@ -68,7 +68,7 @@ def test_port_in_use():
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen(1)
-        exp = Exporter(ListenAddress("127.0.0.1", holder.getsockname()[1]), CollectorRegistry())
+        exp = HttpServer(ListenAddress("127.0.0.1", holder.getsockname()[1]), CollectorRegistry())
         with pytest.raises(ServerError, match="in use"):
             exp.start()
 
@@ -92,7 +92,7 @@ def test_pause_lets_a_response_being_written_finish():
     slow = _SlowCollector()
     reg = CollectorRegistry(auto_describe=False)
     reg.register(slow)
-    exp = Exporter(ListenAddress("127.0.0.1", 0), reg)
+    exp = HttpServer(ListenAddress("127.0.0.1", 0), reg)
     exp.start()
     try:
         result = {}
@@ -122,7 +122,7 @@ def _request_threads():
 
 
 def test_pause_ends_a_client_that_never_finishes_its_request(capsys):
-    exp = Exporter(ListenAddress("127.0.0.1", 0), CollectorRegistry())
+    exp = HttpServer(ListenAddress("127.0.0.1", 0), CollectorRegistry())
     exp.start()
     try:
         with socket.create_connection(("127.0.0.1", exp.port)) as trickler:

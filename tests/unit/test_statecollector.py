@@ -1,4 +1,4 @@
-"""The socket-table gauges: statepoll.summarize on hand-made tallies, exported by StateCollector."""
+"""The socket-table gauges: statepoll.summarize on hand-made tallies, exported by SocketCollector."""
 
 import shutil
 import socket
@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from monitor.serve.collector import StateCollector
+from monitor.serve.collectors.sockets import SocketCollector
 from monitor.sockets.forecast import PortForecast, forecast
 from monitor.sockets.kstats import KERNEL_COUNTERS, Limits
 from monitor.sockets.poller import REPORTED_STATES, Target, summarize, top_ports
@@ -91,7 +91,7 @@ ERRORS = {"": 0, "blue": 3, "gone": 2}
 def registry(results=None):
     results = {"": own_state(), "blue": blue_state()} if results is None else results
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(StateCollector(results=lambda: results, errors=lambda: dict(ERRORS), clock=lambda: NOW))
+    reg.register(SocketCollector(results=lambda: results, errors=lambda: dict(ERRORS), clock=lambda: NOW))
     return reg
 
 

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from monitor.serve import http as server
 from monitor.serve import webconfig
-from monitor.serve.http import Exporter
+from monitor.serve.http import HttpServer
 from monitor.serve.webconfig import WebConfigError
 from monitor.settings import ListenAddress
 
@@ -82,7 +82,7 @@ def serve():
     def start(web_config):
         reg = CollectorRegistry()
         Counter("tcpstate_test", "A test counter.", registry=reg).inc(3)
-        exp = Exporter(ListenAddress("127.0.0.1", 0), reg, web_config=web_config)
+        exp = HttpServer(ListenAddress("127.0.0.1", 0), reg, web_config=web_config)
         exp.start()
         started.append(exp)
         return exp

@@ -14,6 +14,7 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -216,13 +217,17 @@ def boot(kernel: Kernel, tree: Path, out: Path, pytest_args: list[str], cpus: in
     t0 = time.monotonic()
     (out / "host-start").write_text(f"{time.time()}\n")
     with open(out / "console.log", "wb") as console:
+        # vng exits 255 when the guest lacks udev even if the run passed: the status comes back
+        # through the shared directory instead. Its own session, so that a timeout stops QEMU
+        # too (vng does not pass the signal on).
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, env=env,
+                                cwd=REPO, start_new_session=True)
         try:
-            # vng exits 255 when the guest lacks udev even if the run passed: the status comes
-            # back through the shared directory instead.
-            subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, env=env,
-                           timeout=timeout, cwd=REPO)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             say(f"{kernel.name}: no result after {timeout:.0f} s, stopped")
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     result.wall_seconds = time.monotonic() - t0
     status = out / "status"
     if status.is_file():
