@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup host run test unit kernel check bench bench-state clean install uninstall image test-kernels screenshot
+.PHONY: setup host run test lint unit kernel check bench bench-state clean install uninstall image test-kernels screenshot
 
 setup: host $(STAMP)
 
@@ -24,8 +24,12 @@ run: setup
 check: setup
 	$(VENV)/bin/tcpstate check
 
-test: setup
+test: setup lint
 	$(VENV)/bin/python -m pytest -ra tests
+
+# ruff, configured in pyproject.toml: the Python of monitor/, tests/, deploy/ and setup.py.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check monitor tests deploy setup.py
 
 unit: $(STAMP)
 	$(VENV)/bin/python -m pytest -ra tests/unit

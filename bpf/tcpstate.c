@@ -32,14 +32,9 @@ enum sk_rst_reason { TCPSTATE_SK_RST_REASON_FIRST };
 #define TCPSTATE_AF_INET6 10
 #define TCPSTATE_IPPROTO_TCP 6
 
-#ifndef TCPSTATE_MAX_SOCKS
-#define TCPSTATE_MAX_SOCKS 65536
-#endif
-#ifndef TCPSTATE_MAX_CLOSES
-#define TCPSTATE_MAX_CLOSES 65536
-#endif
-#ifndef TCPSTATE_MAX_OFFENDERS
-#define TCPSTATE_MAX_OFFENDERS 4096
+/* Table sizes come from the command line (monitor/settings.py holds their defaults). */
+#if !defined(TCPSTATE_MAX_SOCKS) || !defined(TCPSTATE_MAX_CLOSES) || !defined(TCPSTATE_MAX_OFFENDERS)
+#error "compile with -DTCPSTATE_MAX_SOCKS, -DTCPSTATE_MAX_CLOSES and -DTCPSTATE_MAX_OFFENDERS (Probes.cflags)"
 #endif
 
 /* Map names follow the metric names (tcpstate_<name>), cut to the kernel's 15 characters. */

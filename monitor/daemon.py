@@ -18,7 +18,7 @@ from monitor.detect.engine import Engine
 from monitor.detect.sinks import JsonLines, Webhook
 from monitor.kernel import offenders
 from monitor.kernel.counters import aggregate
-from monitor.kernel.probes import ProbeError, Probes, bcc_version, open_probes
+from monitor.kernel.probes import ProbeError, Probes, Windows, bcc_version, open_probes
 from monitor.kernel.tracefs import TracefsError
 from monitor.serve import summary
 from monitor.serve.collectors.anomalies import AnomalyCollector
@@ -122,9 +122,7 @@ class Daemon:
         log.info("filters: %s", opts.filters.describe())
         try:
             self.probes = open_probes(opts.filters, max_sockets=opts.max_sockets, recent_closes=opts.recent_closes,
-                                      max_offenders=opts.max_offenders,
-                                      reuse_window=cfg["port_reuse"]["reuse_within_seconds"],
-                                      early_reset_within=cfg["reset_after_handshake"]["within_seconds"])
+                                      max_offenders=opts.max_offenders, windows=Windows.from_config(cfg))
         except (TracefsError, ProbeError) as exc:
             raise DaemonError(str(exc)) from None
         probes, layout = self.probes, self.probes.layout
@@ -194,10 +192,10 @@ class Daemon:
             return
         try:
             cfg = load_detector_config(path, self.opts.overrides)
-            windows = (cfg["port_reuse"]["reuse_within_seconds"], cfg["reset_after_handshake"]["within_seconds"])
-            if windows != (self.probes.reuse_window, self.probes.early_reset_within):
+            windows = Windows.from_config(cfg)
+            if windows != self.probes.windows:
                 try:
-                    self.probes.set_windows(*windows)
+                    self.probes.set_windows(windows)
                 except Exception as exc:  # noqa: BLE001 (bcc raises bare exceptions): keep what the kernel has
                     raise ConfigError(f"cannot update the kernel's windows: {exc}") from None
         except ConfigError as why:

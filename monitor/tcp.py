@@ -1,4 +1,4 @@
-"""states.py: the one table of TCP state numbers and the names tcpstate exports."""
+"""tcp.py: the one table of TCP state numbers and the names tcpstate exports, and how an endpoint is written."""
 
 # Kernel numbering (include/net/tcp_states.h); names are the kernel's without "TCP_".
 STATE_NAMES = {
@@ -29,3 +29,10 @@ def state_name(num: int) -> str:
     if num == NONE:
         return "NONE"
     return STATE_NAMES.get(num, "UNKNOWN")
+
+
+def endpoint_text(addr: str, port: int | None) -> str:
+    """'198.18.0.2:80', '[2001:db8::1]:443'; the address alone without a port."""
+    if port is None:
+        return addr
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"

@@ -7,7 +7,8 @@ import tomllib
 SEVERITIES = ("info", "warning", "critical")
 # section -> key -> default. Rates are per second; 0 turns a condition off; fractions are 0..1.
 DETECTOR_DEFAULTS: dict[str, dict] = {
-    "anomaly": {"interval_seconds": 1.0, "top_offenders": 5},
+    # offender_idle_seconds: a peer silent this long starts a new count in the kernel's table.
+    "anomaly": {"interval_seconds": 1.0, "top_offenders": 5, "offender_idle_seconds": 60.0},
     "rst_storm": {
         "enabled": True, "severity": "critical", "window_seconds": 10.0, "hold_down_seconds": 30.0,
         "rate": 100.0, "sent_rate": 0.0, "received_rate": 0.0,
@@ -33,8 +34,9 @@ DETECTOR_DEFAULTS: dict[str, dict] = {
     },
 }
 FRACTION_KEYS = {"fraction", "utilization"}
-MAX_VALUES = {"reuse_within_seconds": 3600.0, "within_seconds": 3600.0}  # kernel windows: an hour at most
-POSITIVE_KEYS = {"window_seconds", "interval_seconds"}
+MAX_VALUES = {"reuse_within_seconds": 3600.0, "within_seconds": 3600.0,  # kernel windows: an hour at most
+              "offender_idle_seconds": 3600.0}
+POSITIVE_KEYS = {"window_seconds", "interval_seconds", "offender_idle_seconds"}
 
 
 class ConfigError(ValueError):

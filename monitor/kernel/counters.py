@@ -59,7 +59,6 @@ class Counts:
     handshake: Histogram | None = None
     lifetime: Histogram | None = None
     events_lost: int = 0  # kernel-skipped runs plus ring-buffer drops
-    ring_buffer_lost: int = 0
     programs: dict = field(default_factory=dict)  # tracepoint -> ProgramStats-like (run_time_ns, run_cnt, recursion_misses)
     untracked_transitions: int = 0
     port_reuse: dict = field(default_factory=dict)  # client|server -> n
@@ -100,8 +99,7 @@ def aggregate(raw: RawCounters, reasons: dict[int, str], programs: dict | None =
     counts.failures = dict(zip(FAILURE_REASONS, raw.connect_fails))
     counts.handshake = _histogram(raw.durations, C["TCPSTATE_HIST_HANDSHAKE"])
     counts.lifetime = _histogram(raw.durations, C["TCPSTATE_HIST_LIFETIME"])
-    counts.ring_buffer_lost = raw.stats[C["TCPSTATE_STAT_EVENTS_LOST"]]
-    counts.events_lost = counts.ring_buffer_lost + sum(p[2] for p in counts.programs.values())
+    counts.events_lost = raw.stats[C["TCPSTATE_STAT_EVENTS_LOST"]] + sum(p[2] for p in counts.programs.values())
     counts.untracked_transitions = raw.stats[C["TCPSTATE_STAT_SOCK_UNTRACKED"]]
     counts.port_reuse = dict(zip(ROLES, raw.port_reuse))
     counts.resets_after_handshake = {(d, r): raw.resets_after_hs[i * len(ROLES) + j]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from monitor.kernel.abi import OFFENDER_KINDS, format_addr
+from monitor.tcp import endpoint_text
 from monitor.timing import WallClock, rfc3339
 
 
@@ -25,10 +26,7 @@ class Peer:
 
     def describe(self) -> str:
         """E.g. "198.18.0.1 to local port 9 (300 reset_sent)", "curl to 198.18.0.2:443 (12 ...)"."""
-        address = self.remote or "an unknown peer"
-        remote = address if self.remote_port is None else f"{address}:{self.remote_port}"
-        if ":" in address and self.remote_port is not None:
-            remote = f"[{address}]:{self.remote_port}"
+        remote = endpoint_text(self.remote or "an unknown peer", self.remote_port)
         who = f"{self.comm} (pid {self.pid}) to {remote}" if self.pid else remote
         if self.local_port is not None:
             who += f" {'from' if self.pid else 'to'} local port {self.local_port}"

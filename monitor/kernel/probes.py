@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import NamedTuple
 
+from monitor.detect.config import DETECTOR_DEFAULTS
 from monitor.kernel.abi import C, Offender, OffenderKey, bpf_dir
 from monitor.kernel.counters import Counts, RawCounters, SocketTable, aggregate
 from monitor.kernel.tracefs import TRACEPOINTS, Layout, detect_layout, ensure_tracefs
@@ -32,7 +33,24 @@ class ProgramStats(NamedTuple):
     recursion_misses: int  # runs the kernel skipped: another BPF program was active on the CPU
 
 
-OFFENDER_IDLE_SECONDS = 60.0  # an offender silent this long starts a new count (README, "top_offenders")
+class Windows(NamedTuple):
+    """The seconds the kernel counts by (its settings map), from the detector config: a new
+    connection on a 4-tuple closed this recently is a port reuse; a reset this soon after
+    ESTABLISHED is one after the handshake (0 turns either off); an offender silent this long
+    starts a new count."""
+
+    reuse: float
+    early_reset: float
+    offender_idle: float
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Windows":
+        return cls(cfg["port_reuse"]["reuse_within_seconds"], cfg["reset_after_handshake"]["within_seconds"],
+                   cfg["anomaly"]["offender_idle_seconds"])
+
+
+DEFAULT_WINDOWS = Windows.from_config(DETECTOR_DEFAULTS)
+NO_FILTERS = Filters()
 
 
 class ProbeError(RuntimeError):
@@ -115,18 +133,16 @@ class Probes:
 
     COUNTER_MAPS = ("transitions", "resets", "connect_fails", "durations", "stats", "port_reuse", "resets_after_hs")
 
-    def __init__(self, layout: Layout, filters: Filters = Filters(), emit_events: bool = False,
+    def __init__(self, layout: Layout, filters: Filters = NO_FILTERS, emit_events: bool = False,
                  max_sockets: int = DEFAULT_MAX_SOCKETS, recent_closes: int = DEFAULT_RECENT_CLOSES,
-                 max_offenders: int = DEFAULT_MAX_OFFENDERS, reuse_window: float = 60.0,
-                 early_reset_within: float = 1.0):
+                 max_offenders: int = DEFAULT_MAX_OFFENDERS, windows: Windows = DEFAULT_WINDOWS):
         self.layout = layout
         self.filters = filters
         self.emit_events = emit_events
         self.max_sockets = max_sockets
         self.recent_closes = recent_closes
         self.max_offenders = max_offenders
-        self.reuse_window = reuse_window
-        self.early_reset_within = early_reset_within
+        self.windows = windows
         self.bpf = None
         self._ncpus = 0
         self._buffers: dict = {}
@@ -183,23 +199,20 @@ class Probes:
             raise ProbeError(f"could not compile or load {src}: {failed} (the log has the compiler's output; "
                              "run 'tcpstate check' for details)") from None
         self._fill_filters()
-        self.set_windows(self.reuse_window, self.early_reset_within)
+        self.set_windows(self.windows)
         self._ncpus = possible_cpus()
         log.debug("attached: %s", ", ".join(k for k, v in self.attached.items() if v))
 
-    def set_windows(self, reuse_window: float, early_reset_within: float,
-                    offender_idle: float = OFFENDER_IDLE_SECONDS) -> None:
-        """Seconds within which a 4-tuple's new connection is a port reuse, and a reset after
-        ESTABLISHED counts as one after the handshake (0 turns either off); after offender_idle
-        seconds of silence an offender's count starts again. Takes effect at once."""
+    def set_windows(self, windows: Windows) -> None:
+        """The kernel counts by these windows at once."""
         def ns(seconds: float) -> int:
             return max(1, round(seconds * 1e9)) if seconds > 0 else 0
 
         table = self.bpf[b"settings"]
-        table[table.Key(C["TCPSTATE_SET_REUSE_WINDOW_NS"])] = table.Leaf(ns(reuse_window))
-        table[table.Key(C["TCPSTATE_SET_EARLY_RESET_NS"])] = table.Leaf(ns(early_reset_within))
-        table[table.Key(C["TCPSTATE_SET_OFFENDER_IDLE_NS"])] = table.Leaf(ns(offender_idle))
-        self.reuse_window, self.early_reset_within = reuse_window, early_reset_within
+        table[table.Key(C["TCPSTATE_SET_REUSE_WINDOW_NS"])] = table.Leaf(ns(windows.reuse))
+        table[table.Key(C["TCPSTATE_SET_EARLY_RESET_NS"])] = table.Leaf(ns(windows.early_reset))
+        table[table.Key(C["TCPSTATE_SET_OFFENDER_IDLE_NS"])] = table.Leaf(ns(windows.offender_idle))
+        self.windows = windows
 
     def _fill_filters(self) -> None:
         def fill(prefix: str, cidrs) -> None:
@@ -394,7 +407,7 @@ class Probes:
                 self.bpf = None
 
 
-def open_probes(filters: Filters = Filters(), **kwargs) -> Probes:
+def open_probes(filters: Filters = NO_FILTERS, **kwargs) -> Probes:
     """This kernel's tracepoints found (tracefs mounted if need be) and said in the log, how each
     count is read here, and the program compiled, loaded and attached. kwargs: Probes'. Raises
     TracefsError or ProbeError, one line each."""

@@ -8,16 +8,13 @@ import time
 from typing import Callable, TextIO
 
 from monitor.kernel.abi import DecodedEvent, DecodeError, decode_event
+from monitor.tcp import endpoint_text
 from monitor.timing import WallClock
 
 COLUMNS = (
     ("TIME", 12), ("KIND", 14), ("SOURCE", 45), ("DESTINATION", 45), ("OLD", 11), ("NEW", 11),
     ("REASON", 24), ("PREV_MS", 10), ("PID", 7), ("COMM", 16),
 )
-
-
-def _endpoint(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def table_header() -> str:
@@ -28,7 +25,7 @@ def table_row(ev: DecodedEvent, clock: WallClock) -> str:
     wall = clock.wall(ev.ts_ns)
     stamp = time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall * 1000) % 1000:03d}"
     values = (
-        stamp, ev.kind, _endpoint(ev.saddr, ev.sport), _endpoint(ev.daddr, ev.dport), ev.oldstate,
+        stamp, ev.kind, endpoint_text(ev.saddr, ev.sport), endpoint_text(ev.daddr, ev.dport), ev.oldstate,
         ev.newstate if ev.kind == "transition" else "-", ev.reason or "-",
         f"{ev.delta_us / 1000:.3f}" if ev.delta_us else "-", str(ev.pid or "-"), ev.comm or "-",
     )

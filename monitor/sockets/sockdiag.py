@@ -7,7 +7,7 @@ import os
 import socket
 import struct
 
-from monitor.tcp import NUMBERS
+from monitor.tcp import NUMBERS, endpoint_text
 
 NETLINK_SOCK_DIAG = 4
 TCPDIAG_GETSOCK = 18  # the original inet_diag request: TCP, both families in one walk
@@ -54,10 +54,8 @@ def endpoint(family: int, addr: bytes, port: int) -> tuple[int, bytes, int]:
 def endpoint_label(key: tuple[int, bytes, int]) -> str:
     """'198.18.0.2:80' or '[2001:db8::1]:443'."""
     family, addr, port = key
-    if family == socket.AF_INET:
-        return f"{socket.inet_ntop(socket.AF_INET, addr)}:{port}"
-    if family == socket.AF_INET6 and len(addr) == 16:
-        return f"[{socket.inet_ntop(socket.AF_INET6, addr)}]:{port}"
+    if family == socket.AF_INET or (family == socket.AF_INET6 and len(addr) == 16):
+        return endpoint_text(socket.inet_ntop(family, addr), port)
     return f"family{family}:{addr.hex()}:{port}"  # not from the kernel; a label all the same
 
 

@@ -56,28 +56,28 @@ class Traffic(threading.Thread):
 
     def __init__(self, pair: NetnsPair, listeners: dict):
         super().__init__(daemon=True)
-        self.pair, self.l = pair, listeners
+        self.pair, self.listeners = pair, listeners
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.ticks = 0
         self.exhausting = 0
 
     def run(self):
-        p, l = self.pair, self.l
+        p, lst = self.pair, self.listeners
         end = time.monotonic() + TRAFFIC_SECONDS
         try:
             while not self.stop.is_set() and time.monotonic() < end:
                 t = time.monotonic()
                 if self.exhausting < EXHAUSTING_CONNECTS:  # client-side TIME_WAIT, all to one endpoint
-                    traffic.client_closes_first(p.client, l["exhaust"], 2)
+                    traffic.client_closes_first(p.client, lst["exhaust"], 2)
                     self.exhausting += 2
                 if self.ticks % 2 == 0:  # client-side TIME_WAIT to a second remote port
-                    traffic.client_closes_first(p.client, l["remote_tw"], 1)
-                traffic.server_closes_first(p.client, l["local_tw"], 2)  # server-side TIME_WAIT, then overflow
+                    traffic.client_closes_first(p.client, lst["remote_tw"], 1)
+                traffic.server_closes_first(p.client, lst["local_tw"], 2)  # server-side TIME_WAIT, then overflow
                 traffic.refused(p.client, p.SERVER_ADDR, 9, 5)  # resets in NONE and SYN_SENT, failed connects
-                traffic.linger_aborts(p.client, l["local_tw"], 1)  # resets right after the handshake
-                traffic.unread_data_aborts(p.client, l["local_tw"], 1)  # the kernel's abort-on-close
-                traffic.from_fixed_port(p.client, p.CLIENT_ADDR, l["reuse"], 2, "abort", FIXED_PORT)  # reuse
+                traffic.linger_aborts(p.client, lst["local_tw"], 1)  # resets right after the handshake
+                traffic.unread_data_aborts(p.client, lst["local_tw"], 1)  # the kernel's abort-on-close
+                traffic.from_fixed_port(p.client, p.CLIENT_ADDR, lst["reuse"], 2, "abort", FIXED_PORT)  # reuse
                 self.ticks += 1
                 self.stop.wait(max(0.0, TICK - (time.monotonic() - t)))
         except BaseException as exc:  # the test reports it

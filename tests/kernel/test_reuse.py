@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from monitor.kernel import offenders
+from monitor.kernel.probes import DEFAULT_WINDOWS
 from monitor.timing import WallClock
 
 from . import traffic
@@ -78,7 +79,7 @@ def test_reuse_after_the_window_is_not_counted(netns, probes, meter):
     # A window long enough that "at once" stays inside it on a slow machine too: with 0.3 s, the
     # reconnect in an emulated 5.10 guest (make test-kernels) fell outside it.
     window = 1.5
-    probes.set_windows(window, 1.0)
+    probes.set_windows(DEFAULT_WINDOWS._replace(reuse=window))
     try:
         with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:
             port = traffic.from_fixed_port(netns.client, netns.CLIENT_ADDR, lst, 1, "abort")
@@ -90,14 +91,14 @@ def test_reuse_after_the_window_is_not_counted(netns, probes, meter):
             took = time.monotonic() - t0
             d = meter.delta()
     finally:
-        probes.set_windows(60.0, 1.0)
+        probes.set_windows(DEFAULT_WINDOWS)
     assert late.opened == {"active": 2, "passive": 2} and late.port_reuse == {}
     assert took < window, f"the reconnect took {took:.2f} s, past the window: no test of 'within'"
     assert d.port_reuse == {"client": 1, "server": 1}
 
 
 def test_reset_after_the_window_is_not_early(netns, probes, meter):
-    probes.set_windows(60.0, 0.3)
+    probes.set_windows(DEFAULT_WINDOWS._replace(early_reset=0.3))
     try:
         with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:
             c, s = traffic._connect(netns.client, lst)
@@ -108,7 +109,7 @@ def test_reset_after_the_window_is_not_early(netns, probes, meter):
             s.close()
             time.sleep(0.2)
     finally:
-        probes.set_windows(60.0, 1.0)
+        probes.set_windows(DEFAULT_WINDOWS)
     d = meter.delta()
     assert sum(d.resets.values()) == 2 and d.resets_after_handshake == {}
 
@@ -157,7 +158,7 @@ def test_offenders_of_refused_connects(netns, probes, layout):
 
 def test_an_offender_silent_for_the_idle_time_counts_again(netns, probes, layout):
     closed = 11
-    probes.set_windows(60.0, 1.0, offender_idle=0.3)
+    probes.set_windows(DEFAULT_WINDOWS._replace(offender_idle=0.3))
     try:
         traffic.refused(netns.client, netns.SERVER_ADDR, closed, 3)
         t_gap = time.time()
@@ -166,7 +167,7 @@ def test_an_offender_silent_for_the_idle_time_counts_again(netns, probes, layout
         time.sleep(0.2)
         found = peers(probes)
     finally:
-        probes.set_windows(60.0, 1.0)
+        probes.set_windows(DEFAULT_WINDOWS)
     # The first 3 are an old run: the entry shows the 2 since the gap, from after it.
     failed = one(found, kind="connect_failure", remote=netns.SERVER_ADDR, remote_port=closed)
     assert failed.count == 2 and failed.first_seen > t_gap

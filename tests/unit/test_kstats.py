@@ -78,7 +78,7 @@ def test_parse_snmp_pairs_names_with_values():
 
 def test_parse_snmp_rejects_unpaired_lines():
     # A header whose value line is missing shifts every pair after it: refuse, do not misname.
-    broken = "\n".join(l for l in SNMP.splitlines() if l != "Icmp: 12 0 0 12 12 0 0 12")
+    broken = "\n".join(line for line in SNMP.splitlines() if line != "Icmp: 12 0 0 12 12 0 0 12")
     with pytest.raises(ValueError):
         parse_snmp(broken)
 
