@@ -125,7 +125,9 @@ class Pacer:
         ns_exec(pair.client, "sysctl", "-qw", f"net.ipv4.ip_local_port_range={port_range}")
         self.lst = traffic.Listener(pair.server, pair.SERVER_ADDR)
         self.lst.sock.settimeout(None)
-        self.closed_at: list[float] = []  # when each connection's TIME_WAIT began, about
+        # When each connection's TIME_WAIT began lies between the two times: the client's shutdown,
+        # and the server's FIN seen by the client (the same moment in the kernel).
+        self.closed_at: list[tuple[float, float]] = []
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -147,8 +149,12 @@ class Pacer:
                 time.sleep(delay)
             c = socket_in(self.pair.client)
             c.connect((self.lst.addr, self.lst.port))
+            c.settimeout(5)
+            began = time.monotonic()
+            c.shutdown(socket.SHUT_WR)
+            assert c.recv(1) == b""
+            self.closed_at.append((began, time.monotonic()))
             c.close()
-            self.closed_at.append(time.monotonic())
 
     def close(self):
         self.lst.close()
@@ -166,16 +172,15 @@ def test_forecast_rises_toward_one(pair):
     seen = []
     try:
         for rate in (3, 6, 12, 24):
-            pacer.run(rate, window)
-            time.sleep(0.3)  # the server's FINs: the last connections reach TIME_WAIT
+            pacer.run(rate, window)  # every connection in TIME_WAIT by its return
             before = time.monotonic()
             poller.poll_once()
             after = time.monotonic()
             [ep] = [e for e in poller.results()[pair.client].endpoints if e.remote == remote]
-            # Closes surely inside / possibly inside the window, with 50 ms for the FIN
-            # exchange and the timer's jiffies.
-            surely = sum(1 for t in pacer.closed_at if t > after - window + 0.05)
-            maybe = sum(1 for t in pacer.closed_at if t > before - window - 0.05)
+            # TIME_WAIT entries surely inside / possibly inside the window, with 10 ms for the
+            # timer's jiffies (the kernel rounds a timer to them).
+            surely = sum(1 for began, _ in pacer.closed_at if began > after - window + 0.01)
+            maybe = sum(1 for _, seen in pacer.closed_at if seen > before - window - 0.01)
             seen.append((rate, ep, surely, maybe, len(pacer.closed_at)))
             print(f"rate {rate}/s: {ep.entry_rate * window:.0f} entries in {window} s (made {surely}..{maybe}), "
                   f"in use {ep.time_wait + ep.other}, utilization {ep.forecast.utilization:.3f}, "

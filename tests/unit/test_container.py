@@ -206,12 +206,13 @@ def test_entrypoint_and_bake_script_are_executable_bash():
         assert (result.returncode, result.stderr) == (0, "")
 
 
-# shellcheck is optional (make setup does not install it): defined only where it exists, because a
-# skipped test fails under CI=true.
-if shutil.which("shellcheck"):
-    def test_shellcheck():
-        result = subprocess.run(["shellcheck", str(ENTRYPOINT), str(BAKE)], capture_output=True, text=True)
-        assert (result.returncode, result.stdout) == (0, "")
+def test_shellcheck():
+    """Every shell script of the repository (make setup installs shellcheck)."""
+    assert shutil.which("shellcheck"), "shellcheck missing: make setup installs it"
+    scripts = sorted(str(p) for p in ROOT.glob("**/*.sh") if ".venv" not in p.parts)
+    assert str(ENTRYPOINT) in scripts and str(BAKE) in scripts
+    result = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True, cwd=ROOT)
+    assert (result.returncode, result.stdout) == (0, ""), result.stdout
 
 
 def dockerignore() -> list[str]:
