@@ -66,3 +66,19 @@ def test_each_cell_says_what_the_code_does_on_that_kernel(tmp_path, kernel):
         assert reasons == "`NO_SOCKET` only"
     else:
         assert "`sk_rst_reason` names" in reasons
+
+
+def test_the_architecture_names_every_folder_and_module():
+    """README's "Architecture" lists each folder of monitor/ and each of its modules: a newcomer
+    finds every file there, and no file the tree no longer has."""
+    text = README.read_text()
+    block = text[text.index("## Architecture"):text.index("## Development")]
+    root = README.parent / "monitor"
+    for d in sorted(p.parent for p in root.rglob("__init__.py")):
+        if d != root and d.parent == root:
+            assert f"monitor/{d.name}/" in block, d
+    for module in sorted(root.rglob("*.py")):
+        if module.name != "__init__.py":
+            assert module.stem in block, module
+    for name in re.findall(r"\b(\w+)\.py\b", block):
+        assert list(root.rglob(f"{name}.py")) or list((README.parent / "tests").rglob(f"{name}.py")), name
