@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # setup-host.sh: prepare a Debian/Ubuntu host for tcpstate: OS packages, kernel headers, tracefs. Idempotent.
 #
+# Usage: setup-host.sh [--test]. Without --test: what the daemon needs (make run, make install);
+# with it, the test tools as well (make test and the other test targets).
+#
 # bcc compiles the BPF program at load time and insists on kernel headers under
 # /lib/modules/$(uname -r)/build. Exact headers are used when the distribution has
 # them; otherwise its generic headers are linked there. tcpstate reads tracepoint
@@ -8,52 +11,120 @@
 # headers are safe for it.
 set -euo pipefail
 
-kver=$(uname -r)
-arch=$(dpkg --print-architecture)
-# gcc: the unit tests compile bpf/tcpstate_logic.h, the load tests tests/load/churn.c;
+# What the daemon needs at run time (the container image installs the same).
+runtime=(python3-bpfcc python3-venv)
+# What building its socket-table counter (monitor/_tally.so) needs: gcc alone has no C library
+# headers (a fresh Debian 12 stops at errno.h without libc6-dev).
+compiler=(gcc libc6-dev)
+# The tests' tools:
+# iproute2, curl: namespaces and scrapes; prometheus (with promtool): rules and scrapes;
 # nftables: a kernel test plays an on-path device that rejects requests with resets;
 # python3-seccomp: the systemd test applies the unit's system-call filters as systemd would;
 # bpftool: the fault tests check that no program or map outlives a killed daemon;
-# bpfcc-tools: `make bench` runs bcc's tcpstates beside tcpstate
-# qemu-system-x86, busybox-static, kmod, xz-utils, zstd: `make test-kernels` boots Debian's kernels (virtme-ng)
-packages=(python3-bpfcc python3-venv python3-pip iproute2 prometheus curl gcc nftables python3-seccomp bpftool
-          bpfcc-tools qemu-system-x86 busybox-static kmod xz-utils zstd)
-# kubectl: a unit test builds deploy/kubernetes with `kubectl kustomize` (Debian: kubernetes-client)
-command -v kubectl >/dev/null || packages+=(kubernetes-client)
-# MINIMAL: what the daemon needs to run (make install, the container), without the test tools;
-# EXTRA: packages to add to either list (make install adds gcc, for the socket-table counter).
-[[ ${TCPSTATE_SETUP_MINIMAL:-} == 1 ]] && packages=(python3-bpfcc python3-venv)
-# shellcheck disable=SC2206  # a space-separated list of package names
-packages+=(${TCPSTATE_SETUP_EXTRA:-})
+# bpfcc-tools: `make bench` runs bcc's tcpstates beside tcpstate; shellcheck: the scripts' lint;
+# qemu-system-x86, busybox-static, kmod, xz-utils, zstd: `make test-kernels` boots Debian's kernels (virtme-ng);
+# mmdebstrap, qemu-utils, e2fsprogs: `make test-fresh` builds a fresh Debian 12 and boots it
+testing=(python3-pip iproute2 prometheus curl nftables python3-seccomp bpftool bpfcc-tools shellcheck
+         qemu-system-x86 busybox-static kmod xz-utils zstd mmdebstrap qemu-utils e2fsprogs)
 
+case ${1:-} in
+    "") packages=("${runtime[@]}" "${compiler[@]}") ;;
+    --test)
+        packages=("${runtime[@]}" "${compiler[@]}" "${testing[@]}")
+        # kubectl: a unit test builds deploy/kubernetes with `kubectl kustomize` (Debian: kubernetes-client)
+        command -v kubectl >/dev/null || packages+=(kubernetes-client)
+        ;;
+    *)
+        echo "setup-host: unknown argument '$1' (usage: setup-host.sh [--test])" >&2
+        exit 2
+        ;;
+esac
+
+start=$SECONDS
 say() { echo "setup-host: $*" >&2; }
+took() { say "  ... $((SECONDS - $1)) s"; }
 
 if [[ $(id -u) -ne 0 ]]; then
     say "must run as root (sudo make setup)"
     exit 1
 fi
 
+kver=$(uname -r)
+arch=$(dpkg --print-architecture)
+
+# Services that a package would start and enable (Debian's prometheus does both) stay off: a
+# policy-rc.d that refuses starts during the install, and whatever the install enabled is
+# disabled again. Units that were enabled or running before are the owner's and are left alone.
+units() {  # enabled unit files, then running units, one name a line
+    systemctl list-unit-files --state=enabled --no-legend 2>/dev/null | awk '{print $1}'
+    if [[ -d /run/systemd/system ]]; then
+        systemctl list-units --state=running --no-legend --plain 2>/dev/null | awk '{print "running " $1}'
+    fi
+}
+policy=/usr/sbin/policy-rc.d
+own_policy=
+cleanup() { if [[ -n $own_policy ]]; then rm -f "$policy"; fi; }
+trap cleanup EXIT
+
 apt_updated=
+apt_get() {
+    # Another apt (a fresh machine's apt-daily) may hold the lock for a while: wait for it.
+    DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=600 -o Dpkg::Use-Pty=0 "$@"
+}
 apt_install() {
     if [[ -z $apt_updated ]]; then
-        apt-get update -q >/dev/null
+        say "apt-get update"
+        apt_get update
         apt_updated=1
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null
+    local before after
+    before=$(units | sort)
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\n# setup-host.sh: no service starts during its install\nexit 101\n' >"$policy"
+        chmod 0755 "$policy"
+        own_policy=1
+    fi
+    apt_get install -y --no-install-recommends "$@"
+    cleanup
+    own_policy=
+    after=$(units | sort)
+    local unit
+    for unit in $(comm -13 <(echo "$before") <(echo "$after") | grep -v '^running ' || true); do
+        say "  disabling $unit, which the install enabled (make setup leaves no service on)"
+        systemctl disable --quiet "$unit"
+    done
+    for unit in $(comm -13 <(echo "$before") <(echo "$after") | sed -n 's/^running //p'); do
+        say "  stopping $unit, which the install started"
+        systemctl stop "$unit"
+    done
 }
 
+t=$SECONDS
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
-    say "installing ${missing[*]}"
+    say "[1/3] OS packages: installing ${missing[*]} (and what they depend on)"
+    count=$(dpkg-query -W -f='${db:Status-Abbrev}\n' | grep -c '^ii')
     apt_install "${missing[@]}"
+    say "  $(($(dpkg-query -W -f='${db:Status-Abbrev}\n' | grep -c '^ii') - count)) packages installed"
+    took "$t"
+else
+    say "[1/3] OS packages: all ${#packages[@]} present"
 fi
 
+t=$SECONDS
 build=/lib/modules/$kver/build
-if [[ ! -d $build/include ]]; then
-    apt_install "linux-headers-$kver" 2>/dev/null || say "no package linux-headers-$kver"
+if [[ -d $build/include ]]; then
+    say "[2/3] kernel headers: $build"
+else
+    say "[2/3] kernel headers for $kver"
+    if apt-cache show "linux-headers-$kver" >/dev/null 2>&1; then
+        apt_install "linux-headers-$kver"
+    else
+        say "  no package linux-headers-$kver"
+    fi
 fi
 if [[ ! -d $build/include ]]; then
     generic=
@@ -67,7 +138,7 @@ if [[ ! -d $build/include ]]; then
         say "no headers for kernel $kver and no generic headers package; install some and link them at $build"
         exit 1
     fi
-    say "using the generic $generic for kernel $kver"
+    say "  using the generic $generic for kernel $kver"
     apt_install "$generic"
     shopt -s nullglob
     candidates=(/usr/src/linux-headers-*-"$arch" /usr/src/linux-headers-*-generic)
@@ -89,10 +160,14 @@ if [[ ! -d $build/include ]]; then
     mkdir -p "/lib/modules/$kver"
     ln -sfn "$hdr" "$build"
     ln -sfn "$common" "/lib/modules/$kver/source"
-    say "linked $hdr as $build"
+    say "  linked $hdr as $build"
 fi
+((SECONDS - t > 1)) && took "$t"
 
 if [[ ! -d /sys/kernel/tracing/events && ! -d /sys/kernel/debug/tracing/events ]]; then
     mount -t tracefs tracefs /sys/kernel/tracing
-    say "mounted tracefs at /sys/kernel/tracing"
+    say "[3/3] tracefs: mounted at /sys/kernel/tracing"
+else
+    say "[3/3] tracefs: mounted"
 fi
+say "host ready in $((SECONDS - start)) s"
