@@ -30,7 +30,6 @@ setup-test: host-test $(TEST_STAMP) $(NATIVE)
 # daemon still runs, counting in Python at more CPU per poll, and says so. No fused
 # multiply-add: endpoint ranks must round exactly as Python's do.
 $(NATIVE): monitor/_tally.c
-	@echo "setup: compiling $@"
 	gcc -O2 -Wall -Wextra -ffp-contract=off -shared -fPIC -o $@ $<
 
 host:
