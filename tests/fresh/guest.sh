@@ -30,13 +30,18 @@ units() {
 now_us() { echo "${EPOCHREALTIME/./}"; }
 since() { local us=$(($(now_us) - $1)); printf '%d.%d' $((us / 1000000)) $((us % 1000000 / 100000)); }
 
+# Setup's step lines and pytest's summary go to the console too: the host shows them as they come.
+progress() {
+    grep --line-buffered -E '^(setup|setup-host|install): |^=+ .*(passed|failed|error)' | sed -u 's/^/fresh:   /' >/dev/console
+}
+
 step() {
     local name=$1 start status took
     shift
     note "step $name: started"
     start=$(now_us)
-    "$@" >"$out/$name.log" 2>&1
-    status=$?
+    "$@" 2>&1 | tee "$out/$name.log" | progress
+    status=${PIPESTATUS[0]}
     took=$(since "$start")
     printf '%s\t%s\t%s\n' "$name" "$status" "$took" >>"$out/steps"
     if ((status)); then
@@ -73,8 +78,10 @@ clone() {
 
 # sudo make run, as the user types it, until /-/ready says 200.
 make_run() {
-    as_user "cd tcpstate && exec sudo make run" >"$out/make-run.daemon.log" 2>&1 &
+    as_user "cd tcpstate && exec sudo make run" >"$out/make-run.daemon.log" 2>&1 </dev/null &
     echo $! >/tmp/make-run.pid
+    # Not a pipe into the step's log: the daemon outlives this step, and so would the pipe.
+    (tail -n +1 -f --pid="$!" "$out/make-run.daemon.log" | progress) >/dev/null 2>&1 &
     local start=$SECONDS code
     while :; do
         code=$(curl -s -o /dev/null -w '%{http_code}' "$url/-/ready")

@@ -77,7 +77,8 @@ def make_io_disk(work: Path, tests: str, connections: int) -> Path:
     (io / "env").write_text(f"TESTS='{tests}'\nN={connections}\n")
     disk = work / "io.img"
     disk.unlink(missing_ok=True)
-    subprocess.run(["mkfs.ext4", "-q", "-L", "fresh-io", "-d", str(io), str(disk), "2G"], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-L", "fresh-io", "-d", str(io), str(disk), "2G"], check=True,
+                   stdout=subprocess.DEVNULL)
     return disk
 
 
