@@ -53,18 +53,15 @@ kver=$(uname -r)
 arch=$(dpkg --print-architecture)
 
 # Services that a package would start and enable (Debian's prometheus does both) stay off: a
-# policy-rc.d that refuses starts during the install, and whatever the install enabled is
-# disabled again. Units that were enabled or running before are the owner's and are left alone.
-units() {  # enabled unit files, then running units, one name a line
-    systemctl list-unit-files --state=enabled --no-legend 2>/dev/null | awk '{print $1}'
-    if [[ -d /run/systemd/system ]]; then
-        systemctl list-units --state=running --no-legend --plain 2>/dev/null | awk '{print "running " $1}'
-    fi
-}
+# policy-rc.d refuses every start during the install, then the units that the newly installed
+# packages ship and enabled are disabled (and stopped, should one have started). Units of
+# packages that were already there are the owner's and are never touched.
 policy=/usr/sbin/policy-rc.d
 own_policy=
 cleanup() { if [[ -n $own_policy ]]; then rm -f "$policy"; fi; }
 trap cleanup EXIT
+
+installed() { dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' | awk '$1 == "ii" {print $2}' | sort; }
 
 apt_updated=
 apt_get() {
@@ -77,8 +74,8 @@ apt_install() {
         apt_get update
         apt_updated=1
     fi
-    local before after
-    before=$(units | sort)
+    local before new unit
+    before=$(installed)
     if [[ ! -e $policy ]]; then
         printf '#!/bin/sh\n# setup-host.sh: no service starts during its install\nexit 101\n' >"$policy"
         chmod 0755 "$policy"
@@ -87,15 +84,18 @@ apt_install() {
     apt_get install -y --no-install-recommends "$@"
     cleanup
     own_policy=
-    after=$(units | sort)
-    local unit
-    for unit in $(comm -13 <(echo "$before") <(echo "$after") | grep -v '^running ' || true); do
-        say "  disabling $unit, which the install enabled (make setup leaves no service on)"
-        systemctl disable --quiet "$unit"
-    done
-    for unit in $(comm -13 <(echo "$before") <(echo "$after") | sed -n 's/^running //p'); do
-        say "  stopping $unit, which the install started"
-        systemctl stop "$unit"
+    mapfile -t new < <(comm -13 <(echo "$before") <(installed))
+    ((${#new[@]})) || return 0
+    say "  $((${#new[@]})) packages installed"
+    for unit in $(dpkg -L "${new[@]}" | grep -E '/systemd/system/[^/@]+\.(service|socket|timer|path)$' | xargs -r -n1 basename | sort -u); do
+        if [[ $(systemctl is-enabled "$unit" 2>/dev/null) == enabled ]]; then
+            say "  disabling $unit (from a package just installed: setup leaves no service on)"
+            systemctl disable --quiet "$unit"
+        fi
+        if [[ -d /run/systemd/system ]] && systemctl --quiet is-active "$unit"; then
+            say "  stopping $unit"
+            systemctl stop "$unit"
+        fi
     done
 }
 
@@ -106,9 +106,7 @@ for p in "${packages[@]}"; do
 done
 if ((${#missing[@]})); then
     say "[1/3] OS packages: installing ${missing[*]} (and what they depend on)"
-    count=$(dpkg-query -W -f='${db:Status-Abbrev}\n' | grep -c '^ii')
     apt_install "${missing[@]}"
-    say "  $(($(dpkg-query -W -f='${db:Status-Abbrev}\n' | grep -c '^ii') - count)) packages installed"
     took "$t"
 else
     say "[1/3] OS packages: all ${#packages[@]} present"
