@@ -8,7 +8,7 @@ ARGS ?=
 # When this make started: setup reports its total time.
 MAKE_START := $(shell date +%s)
 
-.PHONY: setup setup-test host host-test run test unit kernel check bench bench-state clean install uninstall image \
+.PHONY: setup setup-test host host-test host-vm run test unit kernel check bench bench-state clean install uninstall image \
 	test-kernels test-fresh
 
 # sudo make ...: what root made in the clone (.venv, tcpstate.egg-info, _tally.so, caches) goes back to
@@ -37,6 +37,10 @@ host:
 
 host-test:
 	@bash deploy/setup-host.sh --test
+
+# QEMU and the rest for the machines that test-kernels and test-fresh boot.
+host-vm:
+	@bash deploy/setup-host.sh --test --vm
 
 # bcc comes from the OS (python3-bpfcc), hence --system-site-packages. The bytecode is compiled
 # here, by whoever owns the clone in the end, so that the daemon run as root writes none into it.
@@ -75,14 +79,14 @@ kernel: setup-test
 # KERNELS_ARGS="-- -k counts -x" passes pytest arguments; README, "Tests").
 KERNELS ?=
 KERNELS_ARGS ?=
-test-kernels: setup-test
+test-kernels: host-vm setup-test
 	$(VENV)/bin/python tests/vm/kernels.py $(foreach k,$(KERNELS),--kernel $(k)) $(KERNELS_ARGS)
 
 # A fresh Debian 12 booted under QEMU with systemd as PID 1 runs a new user's steps: sudo make run,
 # sudo make test, sudo make install and the unit under the real systemd (root; the image is cached in
 # ~/.cache/tcpstate/fresh; FRESH_ARGS="--timeout 3600" etc., --help lists them; README, "Tests").
 FRESH_ARGS ?=
-test-fresh: host-test
+test-fresh: host-vm
 	$(PYTHON) tests/fresh/run.py $(FRESH_ARGS)
 
 # Short-connection churn with no monitor, tcpstate run and bcc's tcpstates: BENCHMARKS.md and

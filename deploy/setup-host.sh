@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # setup-host.sh: prepare a Debian/Ubuntu host for tcpstate: OS packages, kernel headers, tracefs. Idempotent.
 #
-# Usage: setup-host.sh [--test]. Without --test: what the daemon needs (make run, make install);
-# with it, the test tools as well (make test and the other test targets).
+# Usage: setup-host.sh [--test] [--vm]. Without arguments: what the daemon needs (make run, make
+# install); --test adds the tools of make test, --vm those of the machines that make test-kernels
+# and make test-fresh boot under QEMU.
 #
 # bcc compiles the BPF program at load time and insists on kernel headers under
 # /lib/modules/$(uname -r)/build. Exact headers are used when the distribution has
@@ -16,29 +17,34 @@ runtime=(python3-bpfcc python3-venv)
 # What building its socket-table counter (monitor/_tally.so) needs: gcc alone has no C library
 # headers (a fresh Debian 12 stops at errno.h without libc6-dev).
 compiler=(gcc libc6-dev)
-# The tests' tools:
+# make test's tools:
 # iproute2, curl: namespaces and scrapes; prometheus (with promtool): rules and scrapes;
 # nftables: a kernel test plays an on-path device that rejects requests with resets;
 # python3-seccomp: the systemd test applies the unit's system-call filters as systemd would;
 # bpftool: the fault tests check that no program or map outlives a killed daemon;
-# bpfcc-tools: `make bench` runs bcc's tcpstates beside tcpstate; shellcheck: the scripts' lint;
-# qemu-system-x86, busybox-static, kmod, xz-utils, zstd: `make test-kernels` boots Debian's kernels (virtme-ng);
-# mmdebstrap, qemu-utils, e2fsprogs: `make test-fresh` builds a fresh Debian 12 and boots it
-testing=(python3-pip iproute2 prometheus curl nftables python3-seccomp bpftool bpfcc-tools shellcheck
-         qemu-system-x86 busybox-static kmod xz-utils zstd mmdebstrap qemu-utils e2fsprogs)
+# bpfcc-tools: `make bench` runs bcc's tcpstates beside tcpstate; shellcheck: the scripts' lint
+testing=(python3-pip iproute2 prometheus curl nftables python3-seccomp bpftool bpfcc-tools shellcheck)
+# The machines booted under QEMU, kept out of make test (busybox-static alone has the
+# initramfs rebuilt): qemu-system-x86, busybox-static, kmod, xz-utils, zstd: `make test-kernels`
+# boots Debian's kernels (virtme-ng); mmdebstrap, qemu-utils, e2fsprogs: `make test-fresh` builds
+# a fresh Debian 12 and boots it
+machines=(qemu-system-x86 busybox-static kmod xz-utils zstd mmdebstrap qemu-utils e2fsprogs)
 
-case ${1:-} in
-    "") packages=("${runtime[@]}" "${compiler[@]}") ;;
-    --test)
-        packages=("${runtime[@]}" "${compiler[@]}" "${testing[@]}")
-        # kubectl: a unit test builds deploy/kubernetes with `kubectl kustomize` (Debian: kubernetes-client)
-        command -v kubectl >/dev/null || packages+=(kubernetes-client)
-        ;;
-    *)
-        echo "setup-host: unknown argument '$1' (usage: setup-host.sh [--test])" >&2
-        exit 2
-        ;;
-esac
+packages=("${runtime[@]}" "${compiler[@]}")
+for arg in "$@"; do
+    case $arg in
+        --test)
+            packages+=("${testing[@]}")
+            # kubectl: a unit test builds deploy/kubernetes with `kubectl kustomize` (Debian: kubernetes-client)
+            command -v kubectl >/dev/null || packages+=(kubernetes-client)
+            ;;
+        --vm) packages+=("${machines[@]}") ;;
+        *)
+            echo "setup-host: unknown argument '$arg' (usage: setup-host.sh [--test] [--vm])" >&2
+            exit 2
+            ;;
+    esac
+done
 
 start=$SECONDS
 say() { echo "setup-host: $*" >&2; }

@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     ap.add_argument("--connections", type=int, default=20, help="Connections made and counted (default: %(default)s).")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--memory", default="4G")
-    ap.add_argument("--timeout", type=float, default=2700, help="Seconds before the guest is stopped (default: %(default)s).")
+    ap.add_argument("--timeout", type=float, default=5400, help="Seconds before the guest is stopped (default: %(default)s).")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("test-fresh: must run as root (sudo make test-fresh): mmdebstrap and the image need it", file=sys.stderr)
