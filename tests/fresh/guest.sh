@@ -155,7 +155,8 @@ make_install() {
 }
 
 unit_checks() {
-    CLONE=$clone FRESH_OUT=$out "$clone/.venv/bin/python" -m pytest -p no:cacheprovider -v \
+    # As root in the user's clone: no bytecode or cache, or their git clean would meet root's files.
+    CLONE=$clone FRESH_OUT=$out PYTHONDONTWRITEBYTECODE=1 "$clone/.venv/bin/python" -m pytest -p no:cacheprovider -v \
         --junitxml="$out/unit-checks.xml" "$clone/tests/fresh/unit_checks.py"
 }
 
