@@ -35,14 +35,21 @@ progress() {
     grep --line-buffered -E '^(setup|setup-host|install): |^=+ .*(passed|failed|error)' | sed -u 's/^/fresh:   /' >/dev/console
 }
 
+# Each step runs in this shell, not in a pipeline's subshell: make-run's background job must
+# stay a child that the sigterm step can wait for. A follower copies its log to the console.
 step() {
-    local name=$1 start status took
+    local name=$1 start status took follower
     shift
     note "step $name: started"
+    : >"$out/$name.log"
+    tail -s 0.2 -n +1 -f "$out/$name.log" 2>/dev/null > >(progress) &
+    follower=$!
     start=$(now_us)
-    "$@" 2>&1 | tee "$out/$name.log" | progress
-    status=${PIPESTATUS[0]}
+    "$@" >>"$out/$name.log" 2>&1
+    status=$?
     took=$(since "$start")
+    sleep 0.5
+    kill "$follower"
     printf '%s\t%s\t%s\n' "$name" "$status" "$took" >>"$out/steps"
     if ((status)); then
         note "step $name: FAILED (exit $status) after $took s"
@@ -81,7 +88,7 @@ make_run() {
     as_user "cd tcpstate && exec sudo make run" >"$out/make-run.daemon.log" 2>&1 </dev/null &
     echo $! >/tmp/make-run.pid
     # Not a pipe into the step's log: the daemon outlives this step, and so would the pipe.
-    (tail -n +1 -f --pid="$!" "$out/make-run.daemon.log" | progress) >/dev/null 2>&1 &
+    (tail -s 0.2 -n +1 -f --pid="$!" "$out/make-run.daemon.log" | progress) >/dev/null 2>&1 &
     local start=$SECONDS code
     while :; do
         code=$(curl -s -o /dev/null -w '%{http_code}' "$url/-/ready")
@@ -99,7 +106,6 @@ make_run() {
     done
     fact "make_run_ready_seconds $((SECONDS - start))"
     grep '^setup: done in' "$out/make-run.daemon.log" | sed 's/^setup: done in \([0-9]*\) s/make_run_setup_seconds \1/' >>"$out/facts"
-    grep -E '^setup(-host)?: ' "$out/make-run.daemon.log"
 }
 
 # SIGTERM to the daemon (found by its listening socket): it exits 0 within 2 s, and so does make.

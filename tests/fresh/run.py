@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -212,6 +213,8 @@ def main(argv=None) -> int:
         if shutil.which(tool) is None:
             print(f"test-fresh: {tool} is missing (sudo make setup-test installs it)", file=sys.stderr)
             return 1
+    # A SIGTERM (a CI timeout) unwinds like Ctrl-C: boot()'s finally stops QEMU.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()
     try:
         image, image_seconds = build_image(args.cache)
