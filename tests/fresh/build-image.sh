@@ -111,5 +111,7 @@ du -sm "$root" | cut -f1 >"$out/rootfs-mb"
 rm -rf "$root"
 echo "$((SECONDS - start))" >"$out/build-seconds"
 touch "$out/.complete"
+# Images of older recipes are of no further use: about 1 GB each.
+find "$cache" -mindepth 1 -maxdepth 1 -type d ! -name "$key" -exec rm -rf {} +
 say "image $out (kernel $kver) built in $((SECONDS - start)) s"
 echo "$out"
