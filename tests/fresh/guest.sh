@@ -65,6 +65,8 @@ step() {
 }
 
 finish() {
+    # What went wrong is often only in the journal (a unit that failed to start says so there).
+    ((${1})) && journalctl -b --no-pager -o short-monotonic >"$out/journal.txt" 2>&1
     echo "$1" >"$out/status"
     sync
     exit "$1"

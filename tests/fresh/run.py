@@ -235,7 +235,8 @@ def main(argv=None) -> int:
     text, ok = report(out, image_seconds, image, times, time.monotonic() - t0, UNIT_STEPS if args.unit else STEPS)
     print(text)
     (args.out / "report.md").write_text(text + "\n")
-    (args.out / "root.qcow2").unlink(missing_ok=True)  # the booted copy: gigabytes, of no further use
+    if ok:  # the booted copy: gigabytes; kept after a failure, for a look inside
+        (args.out / "root.qcow2").unlink(missing_ok=True)
     return 0 if ok else 1
 
 
