@@ -2,20 +2,54 @@
 PYTHON := /usr/bin/python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 ARGS ?=
+# When this make started: setup reports its total time.
+MAKE_START := $(shell date +%s)
 
-.PHONY: setup host run test lint unit kernel check bench bench-state clean install uninstall image test-kernels screenshot
+.PHONY: setup setup-test host host-test host-vm run test lint unit kernel check bench bench-state clean install uninstall \
+	image test-kernels test-fresh screenshot
 
+# sudo make ...: what root made in the clone (.venv, tcpstate.egg-info, the C counter, caches) goes back to
+# the clone's owner, the user who ran sudo, so that their own git clean or rebuild works. A clone
+# that root owns is left as it is.
+GIVE_BACK = if [ "$$(id -u)" = 0 ] && [ "$$(stat -c %u .)" != 0 ]; then chown -R --from=0 "$$(stat -c %u:%g .)" .; fi
+
+# What make run and make check need: the daemon's OS packages and Python dependencies.
 setup: host $(STAMP)
+	@$(GIVE_BACK)
+	@echo "setup: done in $$(($$(date +%s) - $(MAKE_START))) s"
+
+# What the tests need as well: their OS tools and the test extras.
+setup-test: host-test $(TEST_STAMP)
+	@$(GIVE_BACK)
+	@echo "setup: done in $$(($$(date +%s) - $(MAKE_START))) s"
+
 
 host:
 	@bash deploy/setup-host.sh
 
+host-test:
+	@bash deploy/setup-host.sh --test
+
+# QEMU and the rest for the machines that test-kernels and test-fresh boot.
+host-vm:
+	@bash deploy/setup-host.sh --test --vm
+
 # bcc comes from the OS (python3-bpfcc), hence --system-site-packages. The install compiles the
-# socket-table counter (setup.py): a change to its C source reinstalls.
+# socket-table counter (setup.py): a change to its C source reinstalls. The bytecode is compiled
+# here, by whoever owns the clone in the end, so that the daemon run as root writes none into it.
 $(STAMP): pyproject.toml setup.py monitor/sockets/_tally.c
-	@test -x $(VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	@test -x $(VENV)/bin/python || { echo "setup: creating $(VENV) (--system-site-packages: bcc comes from the OS)"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); }
+	@echo "setup: pip install -e . (tcpstate and its Python dependencies)"
+	$(VENV)/bin/pip install --disable-pip-version-check -e .
+	@$(VENV)/bin/python -m compileall -q monitor
+	@touch $@
+
+$(TEST_STAMP): $(STAMP)
+	@echo "setup: pip install -e '.[test]' (the test extras)"
+	$(VENV)/bin/pip install --disable-pip-version-check -e '.[test]'
 	@touch $@
 
 run: setup
@@ -24,40 +58,49 @@ run: setup
 check: setup
 	$(VENV)/bin/tcpstate check
 
-test: setup lint
-	$(VENV)/bin/python -m pytest -ra tests
+# TESTS: what pytest runs (make test-fresh's guest runs a part of it).
+TESTS ?= tests
+test: setup-test lint
+	@$(VENV)/bin/python -m pytest -ra $(TESTS); status=$$?; $(GIVE_BACK); exit $$status
 
 # ruff, configured in pyproject.toml: the Python of monitor/, tests/, deploy/ and setup.py.
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check monitor tests deploy setup.py
 
-unit: $(STAMP)
-	$(VENV)/bin/python -m pytest -ra tests/unit
+unit: $(TEST_STAMP)
+	@$(VENV)/bin/python -m pytest -ra tests/unit; status=$$?; $(GIVE_BACK); exit $$status
 
-kernel: setup
-	$(VENV)/bin/python -m pytest -ra tests/kernel
+kernel: setup-test
+	@$(VENV)/bin/python -m pytest -ra tests/kernel; status=$$?; $(GIVE_BACK); exit $$status
 
 # The kernel tests (all but the host_only ones) inside Debian's 5.10, 6.1 and 6.12 kernels, booted
 # under QEMU (root; kernels cached in ~/.cache/tcpstate/kernels; KERNELS="6.1 5.10" for some;
 # KERNELS_ARGS="-- -k counts -x" passes pytest arguments; README, "Tests").
 KERNELS ?=
 KERNELS_ARGS ?=
-test-kernels: setup
+test-kernels: host-vm setup-test
 	$(VENV)/bin/python tests/vm/kernels.py $(foreach k,$(KERNELS),--kernel $(k)) $(KERNELS_ARGS)
+
+# A fresh Debian 12 booted under QEMU with systemd as PID 1 runs a new user's steps: sudo make run,
+# sudo make test, sudo make install and the unit under the real systemd (root; the image is cached in
+# ~/.cache/tcpstate/fresh; FRESH_ARGS="--timeout 3600" etc., --help lists them; README, "Tests").
+FRESH_ARGS ?=
+test-fresh: host-vm
+	$(PYTHON) tests/fresh/run.py $(FRESH_ARGS)
 
 # Short-connection churn with no monitor, tcpstate run and bcc's tcpstates: BENCHMARKS.md and
 # BENCHMARKS.png (root; namespaces; about 10 minutes; BENCH_ARGS="--rounds 2" etc., --help lists them).
 BENCH_ARGS ?=
-bench: setup
+bench: setup-test
 	$(VENV)/bin/python tests/load/bench.py $(BENCH_ARGS)
 
 # CPU time of a socket-table poll at 1k, 10k and 130k TIME_WAIT sockets (root; namespaces).
-bench-state: setup
+bench-state: setup-test
 	$(VENV)/bin/python tests/load/statepoll_bench.py
 
 # docs/tcpstate-page.png, README's picture of the page: taken by the page's browser test under its
 # traffic (root; namespaces; about 30 s).
-screenshot: setup
+screenshot: setup-test
 	@mkdir -p docs
 	TCPSTATE_SCREENSHOT=$(CURDIR)/docs/tcpstate-page.png $(VENV)/bin/python -m pytest -q tests/kernel/test_page.py
 
@@ -84,9 +127,11 @@ UNIT_SUBST := sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g
 # Only what the daemon needs goes on the host: not the test tools of `make setup`.
 install:
 	@test "$$(id -u)" -eq 0 || { echo "install: must run as root (sudo make install)" >&2; exit 1; }
-	@TCPSTATE_SETUP_MINIMAL=1 TCPSTATE_SETUP_EXTRA=gcc bash deploy/setup-host.sh
+	@bash deploy/setup-host.sh
 	@test -x $(PREFIX)/bin/python || $(PYTHON) -m venv --system-site-packages $(PREFIX)
-	$(PREFIX)/bin/pip install -q --disable-pip-version-check --upgrade .
+	@echo "install: pip install . into $(PREFIX)"
+	$(PREFIX)/bin/pip install --disable-pip-version-check --upgrade .
+	@$(GIVE_BACK)
 	install -d $(PREFIX)/share/doc/tcpstate $(BINDIR) $(UNITDIR) $(SYSCONFDIR)/default
 	install -m 0644 README.md $(PREFIX)/share/doc/tcpstate/README.md
 	install -m 0644 deploy/README.md $(PREFIX)/share/doc/tcpstate/operators-guide.md
