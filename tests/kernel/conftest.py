@@ -17,6 +17,7 @@ from monitor.kernel.tracefs import detect_layout, ensure_tracefs
 from monitor.settings import Filters
 
 from .netns import NetnsPair
+from .pace import seconds
 
 TEST_NET = ipaddress.ip_network("198.18.0.0/15")
 
@@ -141,7 +142,7 @@ class Meter:
     def settle(self, expected_transitions: dict, timeout: float = 10.0) -> Delta:
         """Wait until the transitions reach what is expected (the last ACKs are asynchronous),
         then a little longer so that any excess would show too."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + seconds(timeout)
         while time.monotonic() < deadline:
             if self.delta().transitions == expected_transitions:
                 break

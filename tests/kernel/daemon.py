@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from .pace import seconds
 from .test_daemon import NOT_READY, TCPSTATE, free_port, get, samples
 
 TEST_CIDR = "198.18.0.0/15"
@@ -43,7 +44,7 @@ class Daemon:
     def wait_ready(self, timeout: float = 60) -> float:
         """Seconds until /-/ready answered 200."""
         t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
+        while time.monotonic() - t0 < seconds(timeout):
             assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}: {self.log()}"
             try:
                 if get(self.base + "/-/ready")[0] == 200:
@@ -63,9 +64,9 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=seconds(10))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-                raise AssertionError("daemon ignored SIGTERM for 10 s") from None
+                raise AssertionError(f"daemon ignored SIGTERM for {seconds(10):.0f} s") from None
         return self.proc.returncode

@@ -14,6 +14,7 @@ import pytest
 
 from . import traffic
 from .netns import NetnsPair, netns_path
+from .pace import seconds
 from .test_daemon import TCPSTATE, free_port, get, samples, wait_ready
 
 WINDOW, HOLD_DOWN, TICK = 2.0, 2.0, 0.5
@@ -60,12 +61,12 @@ def daemon(pair):
         yield base, events
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        proc.wait(timeout=seconds(10))
     assert proc.returncode == 0, proc.stderr.read()
 
 
 def next_event(events, kind, status, timeout):
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds(timeout)
     while True:
         left = deadline - time.monotonic()
         assert left > 0, f"no {kind} {status} event within {timeout} s"
@@ -227,7 +228,7 @@ def test_prometheus_fires_the_storm_alert(pair, daemon, tmp_path):
         return [a for a in json.loads(body)["data"]["alerts"] if a["labels"]["alertname"] == "TcpstateRstStorm"]
 
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + seconds(30)
         while time.monotonic() < deadline:  # the target is up before the storm
             assert prom.poll() is None, prom.stderr.read()
             try:
@@ -262,11 +263,11 @@ def test_prometheus_fires_the_storm_alert(pair, daemon, tmp_path):
                 time.sleep(1.0)
         finally:
             done.set()
-            stormer.join(timeout=10)
+            stormer.join(timeout=seconds(10))
         assert alerts and alerts[0]["state"] == "firing", (alerts, time.monotonic() - t0)
         assert alerts[0]["labels"]["severity"] == "critical" and alerts[0]["labels"]["instance"] == target
         assert alerts[0]["annotations"]["summary"] == f"TCP reset storm on {target}"
         assert float(query("sum(rate(tcpstate_resets_total[1m]))")[0]["value"][1]) > 100
     finally:
         prom.terminate()
-        prom.wait(timeout=20)
+        prom.wait(timeout=seconds(20))

@@ -16,6 +16,7 @@ from monitor.tcp import STATE_NAMES
 
 from . import traffic
 from .netns import NetnsPair, ip, netns_path, socket_in
+from .pace import seconds
 from .test_daemon import TCPSTATE, free_port, get, wait_ready
 
 TOP_N = 3
@@ -42,7 +43,7 @@ def setup():
         yield pair, clients, base, proc
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
+        proc.wait(timeout=seconds(15))
         pair.down()
 
 

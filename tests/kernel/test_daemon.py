@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from . import traffic
 from .netns import netns_path
+from .pace import seconds
 
 TCPSTATE = str(Path(sys.executable).parent / "tcpstate")
 # What a readiness poll may meet while the daemon starts: nothing listening yet, or a connection
@@ -52,7 +53,7 @@ def transition(text, old, new):
 
 
 def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds(timeout)
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read()
         try:
@@ -81,7 +82,7 @@ def test_run_serves_metrics_and_stops_on_sigterm(netns, layout):
         n = 20
         with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:
             traffic.client_closes_first(netns.client, lst, n)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + seconds(10)
         while time.monotonic() < deadline:
             after = get(base + "/metrics")[1]
             if transition(after, "LAST_ACK", "CLOSE") - transition(before, "LAST_ACK", "CLOSE") >= n:
@@ -96,7 +97,7 @@ def test_run_serves_metrics_and_stops_on_sigterm(netns, layout):
         assert attached["sock:inet_sock_set_state"] == 1 and attached["tcp:tcp_send_reset"] == 1
         # The socket-table poll of the client's namespace sees the n TIME_WAIT sockets just made;
         # the missing namespace only costs errors.
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + seconds(10)
         while time.monotonic() < deadline:
             s = samples(get(base + "/metrics")[1])
             if s.get(("tcpstate_sockets", (("netns", netns.client), ("state", "TIME_WAIT"))), 0) >= n:
@@ -113,11 +114,11 @@ def test_run_serves_metrics_and_stops_on_sigterm(netns, layout):
     finally:
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=10)
+        rc = proc.wait(timeout=seconds(10))
         took = time.monotonic() - t0
     err = proc.stderr.read()
     assert rc == 0, err
-    assert took < 2.0, f"took {took:.2f}s to stop"
+    assert took < seconds(2.0), f"took {took:.2f}s to stop"  # systemd's unit allows no more
     assert "netns '/nonexistent/netns' (/nonexistent/netns): cannot poll sockets" in err
 
 
@@ -125,7 +126,7 @@ def test_watch_streams_json_with_process(netns, layout):
     proc = subprocess.Popen([TCPSTATE, "watch", "--json", "--include-cidr", "198.18.0.0/15"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + seconds(60)
         while time.monotonic() < deadline:
             line = proc.stderr.readline()
             assert line, "watch exited before it was ready"
@@ -138,7 +139,7 @@ def test_watch_streams_json_with_process(netns, layout):
         time.sleep(1.0)
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=10)
+        out, err = proc.communicate(timeout=seconds(10))
     assert proc.returncode == 0, err
     events = [json.loads(line) for line in out.splitlines()]
     transitions = [e for e in events if e["kind"] == "transition"]

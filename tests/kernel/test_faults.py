@@ -13,6 +13,7 @@ import pytest
 
 from . import traffic
 from .daemon import TEST_CIDR, Daemon
+from .pace import SLOWDOWN, seconds
 from .test_daemon import TCPSTATE
 
 
@@ -65,7 +66,7 @@ def test_more_live_sockets_than_the_table_holds(netns, tmp_path):
                     ("SYN_RECV", "ESTABLISHED"): HELD, ("ESTABLISHED", "CLOSE_WAIT"): HELD,
                     ("CLOSE_WAIT", "LAST_ACK"): HELD, ("LAST_ACK", "CLOSE"): HELD,
                     ("CLOSE", "LISTEN"): 1, ("LISTEN", "CLOSE"): 1}
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + seconds(15)
         while True:
             after = d.metrics()
             got = {t: transition(after, *t) - transition(before, *t) for t in expected}
@@ -94,7 +95,7 @@ def test_more_live_sockets_than_the_table_holds(netns, tmp_path):
 # --- SIGHUP reloads the config file -------------------------------------------------------------
 
 def wait_for(d: Daemon, check, what: str, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds(timeout)
     while True:
         s = d.metrics()
         if check(s):
@@ -165,7 +166,7 @@ def test_sighup_reloads_the_config_and_a_bad_one_keeps_the_old(netns, tmp_path):
 def test_sighup_without_a_config_file_changes_nothing(netns, tmp_path):
     with Daemon(tmp_path) as d:
         d.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + seconds(5)
         while "no --config file to reload" not in d.log():
             assert time.monotonic() < deadline, d.log()
             time.sleep(0.1)
@@ -199,7 +200,7 @@ def test_watch_under_full_churn_reports_its_loss_and_the_daemon_counts_on(netns,
                                        stdout=subprocess.PIPE, stderr=err)
         server = None
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + seconds(60)
             while "watching" not in watch_err.read_text():
                 assert watcher.poll() is None and time.monotonic() < deadline, watch_err.read_text()
                 time.sleep(0.1)
@@ -212,9 +213,9 @@ def test_watch_under_full_churn_reports_its_loss_and_the_daemon_counts_on(netns,
                                  timeout=CHURN_SECONDS + 30).stdout
             fields = dict(kv.split("=") for kv in out.split())
             made = int(fields["made"])
-            assert made > 10000 and fields["failed"] == "0", out
+            assert made > 10000 / SLOWDOWN and fields["failed"] == "0", out
             # Let the server take its queued connections before it goes, or their ends are reset.
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + seconds(10)
             while True:
                 after = d.metrics()
                 if transition(after, "LAST_ACK", "CLOSE") - transition(before, "LAST_ACK", "CLOSE") >= made \
@@ -222,7 +223,7 @@ def test_watch_under_full_churn_reports_its_loss_and_the_daemon_counts_on(netns,
                     break
                 time.sleep(0.2)
             server.terminate()
-            server.wait(timeout=5)
+            server.wait(timeout=seconds(5))
             server = None
             time.sleep(0.5)
             after = d.metrics()
@@ -231,8 +232,8 @@ def test_watch_under_full_churn_reports_its_loss_and_the_daemon_counts_on(netns,
             reader = threading.Thread(target=lambda: lines.extend(watcher.stdout), daemon=True)
             reader.start()
             watcher.send_signal(signal.SIGINT)
-            assert watcher.wait(timeout=60) == 0, watch_err.read_text()
-            reader.join(timeout=30)
+            assert watcher.wait(timeout=seconds(60)) == 0, watch_err.read_text()
+            reader.join(timeout=seconds(30))
         finally:
             if server is not None:
                 server.kill()

@@ -12,6 +12,7 @@ from monitor.kernel.probes import DEFAULT_WINDOWS
 from monitor.timing import WallClock
 
 from . import traffic
+from .pace import seconds
 
 N = 10
 
@@ -78,7 +79,7 @@ def test_ephemeral_ports_are_no_reuse(netns, meter):
 def test_reuse_after_the_window_is_not_counted(netns, probes, meter):
     # A window long enough that "at once" stays inside it on a slow machine too: with 0.3 s, the
     # reconnect in an emulated 5.10 guest (make test-kernels) fell outside it.
-    window = 1.5
+    window = seconds(1.5)
     probes.set_windows(DEFAULT_WINDOWS._replace(reuse=window))
     try:
         with traffic.Listener(netns.server, netns.SERVER_ADDR) as lst:

@@ -14,6 +14,7 @@ from monitor.sockets.poller import StatePoller, Target
 
 from . import traffic
 from .netns import NetnsPair, netns_path, ns_exec, socket_in
+from .pace import seconds
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_open_states_match_the_sockets_held(pair):
             held += [c, s]
         for c in held[0:2 * half_closed:2]:
             c.shutdown(socket.SHUT_WR)  # client FIN_WAIT2, server CLOSE_WAIT
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + seconds(5)
         while time.monotonic() < deadline and ss_count(pair.server, "close-wait") < half_closed:
             time.sleep(0.05)
         server, client = poll(pair.server), poll(pair.client)
@@ -105,7 +106,7 @@ def test_new_syn_recv_is_counted(pair):
     c = socket_in(pair.client)
     try:
         c.connect((lst.addr, lst.port))
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + seconds(5)
         while time.monotonic() < deadline and ss_count(pair.server, "syn-recv") < 1:
             time.sleep(0.05)
         result = poll(pair.server)
@@ -258,7 +259,7 @@ def test_one_walk_and_two_walks_agree(pair):
 
 
 def wait_for(what: str, cond) -> None:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + seconds(5)
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)

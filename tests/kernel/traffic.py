@@ -6,6 +6,7 @@ import socket
 import struct
 
 from .netns import socket_in
+from .pace import seconds
 
 # A connection whose client closes first, as tests/load/churn.c makes them: 5 transitions on each end
 # (FIN_WAIT2->CLOSE into TIME_WAIT is counted as FIN_WAIT2->TIME_WAIT).
@@ -97,7 +98,7 @@ def _wait_closed(ns: str, addr: str, port: int) -> None:
     import subprocess
     import time
 
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + seconds(5)
     while time.monotonic() < deadline:
         out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Htn", "state", "last-ack", "src", f"{addr}:{port}"],
                              capture_output=True, text=True, check=True).stdout
@@ -188,7 +189,7 @@ def fin_wait2_aborts(client_ns: str, listener: Listener, n: int) -> None:
         c, s = _connect(client_ns, listener)
         c.shutdown(socket.SHUT_WR)
         assert s.recv(1) == b""
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + seconds(5)
         while tcp_state(c) != TCP_INFO_STATE_FIN_WAIT2:
             assert time.monotonic() < deadline, "client never reached FIN_WAIT2"
             time.sleep(0.001)

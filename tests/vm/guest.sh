@@ -22,7 +22,9 @@ if mkdir -p /run/fastroot && mount -t 9p -o trans=virtio,version=9p2000.L,cache=
     done
 fi
 cd "$repo" || exit 1
-export CI=true PYTHONDONTWRITEBYTECODE=1 TMPDIR=/tmp
+# TCG runs 10-20 times slower than the host: the tests' time bounds and hang guards scale by it
+# (tests/kernel/pace.py); their counts do not.
+export CI=true PYTHONDONTWRITEBYTECODE=1 TMPDIR=/tmp TCPSTATE_TEST_SLOWDOWN=10
 py=.venv/bin/python
 # The formats of every tracepoint tcpstate reads or might (fixtures: kernels.py --save-formats).
 mkdir -p "$out/formats"
