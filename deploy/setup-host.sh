@@ -17,8 +17,9 @@ arch=$(dpkg --print-architecture)
 # bpfcc-tools: `make bench` runs bcc's tcpstates beside tcpstate
 # chromium: the page test loads / in headless Chromium (tests/kernel/test_page.py)
 # qemu-system-x86, busybox-static, kmod, xz-utils, zstd: `make test-kernels` boots Debian's kernels (virtme-ng)
+# tcpdump, tshark: the Wireshark tests capture their traffic and count with tshark's TCP analysis as the oracle
 packages=(python3-bpfcc python3-venv python3-pip iproute2 prometheus curl gcc nftables python3-seccomp bpftool
-          bpfcc-tools chromium qemu-system-x86 busybox-static kmod xz-utils zstd)
+          bpfcc-tools chromium qemu-system-x86 busybox-static kmod xz-utils zstd tcpdump tshark)
 # kubectl: a unit test builds deploy/kubernetes with `kubectl kustomize` (Debian: kubernetes-client)
 command -v kubectl >/dev/null || packages+=(kubernetes-client)
 # MINIMAL: what the daemon needs to run (make install, the container), without the test tools;
