@@ -82,9 +82,10 @@ class TcpstateCollector(Collector):
         yield failures
 
         reuse = CounterMetricFamily("tcpstate_port_reuse",
-                                    "New connections on a 4-tuple (addresses and ports) that closed within the reuse "
-                                    "window, by this host's end: client (connect) or server (accept).",
-                                    labels=["role"])
+                                    "New SYNs on a 4-tuple (addresses and ports) whose previous connection ended "
+                                    "(FIN, RST, refused or timed out) within the reuse window, as Wireshark flags "
+                                    "\"TCP Port numbers reused\"; by this host's end: client (sent the SYN) or "
+                                    "server (received it).", labels=["role"])
         for role in ROLES:
             reuse.add_metric([role], counts.port_reuse.get(role, 0))
         yield reuse
@@ -96,6 +97,22 @@ class TcpstateCollector(Collector):
             for role in ROLES:
                 early.add_metric([direction, role], counts.resets_after_handshake.get((direction, role), 0))
         yield early
+
+        retransmits = CounterMetricFamily("tcpstate_retransmits",
+                                          "Segments sent again (SYN-ACKs included), by the state the connection was "
+                                          "in: Wireshark's tcp.analysis.retransmission in a capture on this host.",
+                                          labels=["state"])
+        for state, n in sorted(counts.retransmits.items()):
+            retransmits.add_metric([state], n)
+        yield retransmits
+        if counts.syn_retransmits is not None:
+            syn = CounterMetricFamily("tcpstate_syn_retransmits",
+                                      "SYNs re-sent from SYN_SENT (client) and SYN-ACKs re-sent from SYN_RECV "
+                                      "(server): the first sign of loss, a full SYN queue or a silent firewall.",
+                                      labels=["role"])
+            for role in ROLES:
+                syn.add_metric([role], counts.syn_retransmits.get(role, 0))
+            yield syn
 
         yield _hist_family("tcpstate_handshake_duration_seconds",
                            "Time from SYN_SENT to ESTABLISHED, one per active open.", counts.handshake)
