@@ -210,23 +210,21 @@ static __always_inline void observe(int hist, __u64 delta_ns)
 		*sum += delta_ns;
 }
 
-#ifdef TCPSTATE_SK_ERR_AT
-static __always_inline int sk_error(__u64 skaddr)
+#if defined(TCPSTATE_SK_ERR_AT) || defined(TCPSTATE_SEGS_OUT_AT)
+/* A 32-bit member of a socket, at its offset in the running kernel's BTF. */
+static __always_inline __u32 sock_u32(__u64 skaddr, __u32 offset)
 {
-	int err = 0;
-	bpf_probe_read_kernel(&err, sizeof(err), (void *)(skaddr + TCPSTATE_SK_ERR_AT));
-	return err;
+	__u32 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), (void *)(skaddr + offset));
+	return v;
 }
 #endif
-
-#ifdef TCPSTATE_SEGS_OUT_AT
+#ifdef TCPSTATE_SK_ERR_AT
+#define sk_error(skaddr) ((int)sock_u32(skaddr, TCPSTATE_SK_ERR_AT))
+#endif
 /* Segments a socket sent, retransmissions included: in SYN_SENT, its SYNs. */
-static __always_inline __u32 segs_out(__u64 skaddr)
-{
-	__u32 n = 0;
-	bpf_probe_read_kernel(&n, sizeof(n), (void *)(skaddr + TCPSTATE_SEGS_OUT_AT));
-	return n;
-}
+#ifdef TCPSTATE_SEGS_OUT_AT
+#define segs_out(skaddr) sock_u32(skaddr, TCPSTATE_SEGS_OUT_AT)
 #endif
 
 #ifdef TCPSTATE_SEND_RESET_SKB_FLAGS
