@@ -42,9 +42,9 @@ class Observed:
     """Captures at both ends and tcpstate's counters over the same traffic: start, run the traffic,
     then finish() once both ends are quiet."""
 
-    def __init__(self, path: RoutedPair, probes, layout, tmp_path, record_property, name: str):
+    def __init__(self, path: RoutedPair, probes, layout, tmp_path, record, name: str):
         self.path, self.probes, self.layout = path, probes, layout
-        self.record, self.name = record_property, name
+        self.record, self.name = record, name
         self.client = wire.Capture(path.client, path.CLIENT_ADDR, tmp_path / "client.pcap")
         self.server = wire.Capture(path.server, path.SERVER_ADDR, tmp_path / "server.pcap")
 
@@ -77,17 +77,18 @@ class Observed:
         return client, server, delta, out_rsts
 
     def report(self, tshark: dict, tcpstate: dict, **notes) -> None:
-        """The scenario's row of the closing table: in junit.xml (make test-kernels keeps it per
-        kernel) and on stdout. notes: what else the captures showed, compared with nothing."""
+        """The scenario's row of the closing table: a property of junit.xml's test suite
+        (make test-kernels keeps it per kernel) and a line on stdout. notes: what else the captures
+        showed, compared with nothing."""
         row = {"kernel": platform.release(), "scenario": self.name, "tshark": tshark, "tcpstate": tcpstate, **notes}
-        self.record("wireshark", json.dumps(row))
+        self.record(f"wireshark: {self.name}", json.dumps(row))
         print(f"\nwireshark {json.dumps(row)}")
 
 
 @pytest.fixture
-def observed(path, probes, layout, tmp_path, record_property, request):
+def observed(path, probes, layout, tmp_path, record_testsuite_property, request):
     def make(name: str | None = None) -> Observed:
-        return Observed(path, probes, layout, tmp_path, record_property, name or request.node.name)
+        return Observed(path, probes, layout, tmp_path, record_testsuite_property, name or request.node.name)
     return make
 
 
