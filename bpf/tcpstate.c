@@ -12,6 +12,10 @@
  *   TCPSTATE_NOSOCK_RESETS_FROM_KFREE_SKB, with TCPSTATE_KFREE_SKB_*_AT (the format's offsets),
  *   TCPSTATE_DROP_NO_SOCKET and TCPSTATE_SKB_*_AT (BTF): resets sent for no socket, on kernels
  *                                     whose tcp_send_reset does not report them (before 6.10)
+ *   TCPSTATE_SEND_RESET_SKB_FLAGS     with TCPSTATE_SKB_*_AT: the flags of the segment tcp_send_reset
+ *                                     answers for no socket (a refused SYN, for port reuse)
+ *   TCPSTATE_SEGS_OUT_AT              byte offset of tcp_sock.segs_out (BTF): the SYNs a failed connect sent
+ *   TCPSTATE_RETRANSMIT_SKB_HAS_FAMILY / _HAS_ERR, TCPSTATE_RETRANSMIT_SYNACK_HAS_FAMILY
  *   TCPSTATE_FILTER_INCLUDE_CIDR / _EXCLUDE_CIDR / _PORTS
  *   TCPSTATE_EMIT_EVENTS              feed the watch ring buffer
  *   TCPSTATE_MAX_SOCKS                size of the per-socket table
@@ -40,11 +44,13 @@ enum sk_rst_reason { TCPSTATE_SK_RST_REASON_FIRST };
 /* Map names follow the metric names (tcpstate_<name>), cut to the kernel's 15 characters. */
 BPF_PERCPU_ARRAY(transitions, __u64, TCPSTATE_NTRANSITIONS);
 BPF_PERCPU_ARRAY(resets, __u64, TCPSTATE_NRESETS);
-BPF_PERCPU_ARRAY(connect_fails, __u64, TCPSTATE_NFAILS);
+BPF_PERCPU_ARRAY(connect_fails, __u64, TCPSTATE_NFAIL_SLOTS);
 BPF_PERCPU_ARRAY(durations, __u64, TCPSTATE_NHIST * TCPSTATE_HIST_STRIDE);
 BPF_PERCPU_ARRAY(stats, __u64, TCPSTATE_NSTATS);
 BPF_PERCPU_ARRAY(port_reuse, __u64, TCPSTATE_NROLES);
 BPF_PERCPU_ARRAY(resets_after_hs, __u64, TCPSTATE_NRESETS_AFTER_HS);
+BPF_PERCPU_ARRAY(retransmits, __u64, TCPSTATE_NSTATES);
+BPF_PERCPU_ARRAY(syn_retrans, __u64, TCPSTATE_NROLES);
 BPF_ARRAY(settings, __u64, TCPSTATE_NSETTINGS);
 BPF_TABLE("lru_hash", __u64, struct tcpstate_sock, socks, TCPSTATE_MAX_SOCKS);
 
@@ -116,6 +122,8 @@ static __always_inline void inc_durations(__u32 idx) { __u64 *v = durations.look
 static __always_inline void inc_stats(__u32 idx) { __u64 *v = stats.lookup(&idx); if (v) (*v)++; }
 static __always_inline void inc_port_reuse(__u32 idx) { __u64 *v = port_reuse.lookup(&idx); if (v) (*v)++; }
 static __always_inline void inc_resets_after_hs(__u32 idx) { __u64 *v = resets_after_hs.lookup(&idx); if (v) (*v)++; }
+static __always_inline void inc_retransmits(__u32 idx) { __u64 *v = retransmits.lookup(&idx); if (v) (*v)++; }
+static __always_inline void inc_syn_retrans(__u32 idx) { __u64 *v = syn_retrans.lookup(&idx); if (v) (*v)++; }
 static __always_inline __u64 setting(__u32 idx) { __u64 *v = settings.lookup(&idx); return v ? *v : 0; }
 
 /* One more for the peer of this flow in the offenders table (a shared LRU hash: atomic adds). */
@@ -151,6 +159,42 @@ static __always_inline void offend(struct flow *f, __u8 kind, int has_sk, struct
 #endif
 }
 
+#if TCPSTATE_MAX_CLOSES > 0
+/* Wireshark's "TCP Port numbers reused" is a new SYN on the 4-tuple of an earlier conversation.
+ * syn: a new connection's SYN (sent at syn_ns) looks up when the 4-tuple last ended; end: this
+ * connection ends now. Returns 1 for a reuse. */
+static __always_inline int reuse_step(struct flow *f, int syn, __u64 syn_ns, int end, __u64 now)
+{
+	__u32 tag;
+	int reused = 0;
+	if (!f->sport || !f->dport)
+		return 0;
+	struct tcpstate_close_set *set = close_set(f, &tag);
+	if (!set)
+		return 0;
+	if (syn)
+		reused = tcpstate_close_take(set, tag, tcpstate_close_tick(syn_ns),
+					     tcpstate_close_window(setting(TCPSTATE_SET_REUSE_WINDOW_NS)));
+	if (end)
+		tcpstate_close_put(set, tag, tcpstate_close_tick(now));
+	return reused;
+}
+#endif
+
+/* A reset sent where no socket matched ends its 4-tuple's conversation; when it answered a new
+ * SYN (tcp_flags), that SYN is a reuse of the 4-tuple's last conversation if there was one
+ * within the window: a client reconnecting from a fixed port to a closed one, seen by the host
+ * that refuses it. */
+static __always_inline void reset_for_no_socket(struct flow *f, __u8 tcp_flags, __u64 now)
+{
+#if TCPSTATE_MAX_CLOSES > 0
+	if (reuse_step(f, tcpstate_new_syn(tcp_flags), now, 1, now)) {
+		inc_port_reuse(TCPSTATE_ROLE_SERVER);
+		offend(f, TCPSTATE_OFF_PORT_REUSE, 0, NULL, now);
+	}
+#endif
+}
+
 static __always_inline void observe(int hist, __u64 delta_ns)
 {
 	__u32 base = hist * TCPSTATE_HIST_STRIDE;
@@ -161,12 +205,35 @@ static __always_inline void observe(int hist, __u64 delta_ns)
 		*sum += delta_ns;
 }
 
-#ifdef TCPSTATE_SK_ERR_AT
-static __always_inline int sk_error(__u64 skaddr)
+#if defined(TCPSTATE_SK_ERR_AT) || defined(TCPSTATE_SEGS_OUT_AT)
+/* A 32-bit member of a socket, at its offset in the running kernel's BTF. */
+static __always_inline __u32 sock_u32(__u64 skaddr, __u32 offset)
 {
-	int err = 0;
-	bpf_probe_read_kernel(&err, sizeof(err), (void *)(skaddr + TCPSTATE_SK_ERR_AT));
-	return err;
+	__u32 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), (void *)(skaddr + offset));
+	return v;
+}
+#endif
+#ifdef TCPSTATE_SK_ERR_AT
+#define sk_error(skaddr) ((int)sock_u32(skaddr, TCPSTATE_SK_ERR_AT))
+#endif
+/* Segments a socket sent, retransmissions included: in SYN_SENT, its SYNs. */
+#ifdef TCPSTATE_SEGS_OUT_AT
+#define segs_out(skaddr) sock_u32(skaddr, TCPSTATE_SEGS_OUT_AT)
+#endif
+
+#ifdef TCPSTATE_SEND_RESET_SKB_FLAGS
+/* The TCP flags of a received segment (tcp_send_reset's skbaddr: the one being answered). */
+static __always_inline __u8 skb_tcp_flags(const void *skb)
+{
+	unsigned char *head = NULL;
+	__u16 th = 0;
+	__u8 flags = 0;
+	bpf_probe_read_kernel(&head, sizeof(head), skb + TCPSTATE_SKB_HEAD_AT);
+	bpf_probe_read_kernel(&th, sizeof(th), skb + TCPSTATE_SKB_TRANSPORT_HEADER_AT);
+	if (head)
+		bpf_probe_read_kernel(&flags, sizeof(flags), head + th + 13);
+	return flags;
 }
 #endif
 
@@ -255,8 +322,10 @@ static __always_inline int flow_wanted(struct flow *f)
 	return 1;
 }
 
-#if defined(TCPSTATE_FILTER_INCLUDE_CIDR) || defined(TCPSTATE_FILTER_EXCLUDE_CIDR) || \
-	defined(TCPSTATE_FILTER_PORTS) || defined(TCPSTATE_EMIT_EVENTS)
+#if defined(TCPSTATE_FILTER_INCLUDE_CIDR) || defined(TCPSTATE_FILTER_EXCLUDE_CIDR) || defined(TCPSTATE_FILTER_PORTS)
+#define TCPSTATE_FILTERED 1
+#endif
+#if defined(TCPSTATE_FILTERED) || defined(TCPSTATE_EMIT_EVENTS)
 #define TCPSTATE_NEED_FLOW 1
 #endif
 
@@ -348,10 +417,18 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		return 0;
 	__u8 oldstate = tcpstate_clamp_state(args->oldstate);
 	__u8 newstate = tcpstate_clamp_state(args->newstate);
-	/* Unused when a filter copies every flow and port-reuse counting is off. */
-	int closes __attribute__((unused)) = tcpstate_records_close(oldstate, newstate);
-	int role __attribute__((unused)) = tcpstate_opening_role(oldstate);
+	__u64 skaddr = (__u64)args->skaddr;
 	int failed = oldstate == TCPSTATE_TCP_SYN_SENT && newstate == TCPSTATE_TCP_CLOSE;
+#ifdef TCPSTATE_SEGS_OUT_AT
+	__u32 syns = failed ? segs_out(skaddr) : 0;
+	/* connect() failed before its SYN went out (EADDRNOTAVAIL): no conversation on the wire. */
+	int silent = failed && syns == 0;
+#else
+	int silent = 0;  /* cannot tell: as if its SYN went out */
+#endif
+	/* Unused when a filter copies every flow and port-reuse counting is off. */
+	int closes __attribute__((unused)) = tcpstate_records_close(oldstate, newstate) && !silent;
+	int role __attribute__((unused)) = tcpstate_opening_role(oldstate);
 	struct flow f = {};
 #ifdef TCPSTATE_NEED_FLOW
 	TCPSTATE_FLOW_FROM_FIELDS(&f, args);
@@ -362,7 +439,6 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	if (closes || role >= 0)
 		TCPSTATE_FLOW_FROM_FIELDS(&f, args);
 #endif
-	__u64 skaddr = (__u64)args->skaddr;
 	__u64 now = bpf_ktime_get_ns();
 
 	struct tcpstate_sock *s = socks.lookup(&skaddr);
@@ -381,20 +457,25 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	}
 
 #if TCPSTATE_MAX_CLOSES > 0
-	if ((closes || role >= 0) && f.sport && f.dport) {
-		__u32 tag;
-		struct tcpstate_close_set *set = close_set(&f, &tag);
-		if (set && closes) {
-			tcpstate_close_put(set, tag, tcpstate_close_tick(now));
-		} else if (set && tcpstate_close_take(set, tag, tcpstate_close_tick(now),
-						      tcpstate_close_window(setting(TCPSTATE_SET_REUSE_WINDOW_NS)))) {
-			inc_port_reuse(role);
-			offend(&f, TCPSTATE_OFF_PORT_REUSE, 1, s, now);
-		}
+	/* Leaving SYN_SENT or SYN_RECV is where a new connection's 4-tuple is complete (the client's
+	 * port may still be 0 at CLOSE->SYN_SENT); its SYN is looked up there, then its end recorded. */
+	int opens = role >= 0 && !silent;
+	if ((opens || closes) &&
+	    reuse_step(&f, opens, tcpstate_syn_time(s ? s->syn_ts_ns : 0, now), closes, now)) {
+		inc_port_reuse(role);
+		offend(&f, TCPSTATE_OFF_PORT_REUSE, 1, s, now);
 	}
 #endif
 	if (failed)
 		offend(&f, TCPSTATE_OFF_CONNECT_FAIL, 1, s, now);
+#ifdef TCPSTATE_SEGS_OUT_AT
+	if (syns) {
+		__u32 idx = TCPSTATE_FAIL_SYNS;
+		__u64 *v = connect_fails.lookup(&idx);
+		if (v)
+			*v += syns;
+	}
+#endif
 
 	__u8 counted = tcpstate_counted_newstate(oldstate, newstate, s ? s->flags : 0);
 	/* An abort sets CLOSE before the reset goes out, and the reset's tracepoint fires only
@@ -514,6 +595,10 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 	inc_resets((TCPSTATE_DIR_SENT * TCPSTATE_NSTATES + state) * TCPSTATE_NREASONS + reason);
 	__u64 now = bpf_ktime_get_ns();
 	offend(&f, TCPSTATE_OFF_RESET_SENT, skaddr != 0, s, now);
+#ifdef TCPSTATE_SEND_RESET_SKB_FLAGS
+	if (!skaddr)
+		reset_for_no_socket(&f, skb_tcp_flags((const void *)args->skbaddr), now);
+#endif
 	if (s && tcpstate_early_reset(s->est_ts_ns, now, setting(TCPSTATE_SET_EARLY_RESET_NS), s->flags)) {
 		s->flags |= TCPSTATE_SOCK_EARLY_RESET;
 		inc_resets_after_hs(TCPSTATE_DIR_SENT * TCPSTATE_NROLES + tcpstate_sock_role(s->flags));
@@ -666,11 +751,67 @@ int tcpstate_kfree_skb(void *ctx)
 		return 0;
 	inc_resets((TCPSTATE_DIR_SENT * TCPSTATE_NSTATES + TCPSTATE_STATE_NONE) * TCPSTATE_NREASONS +
 		   TCPSTATE_REASON_NO_SOCKET);
-	offend(&f, TCPSTATE_OFF_RESET_SENT, 0, NULL, bpf_ktime_get_ns());
+	__u64 now = bpf_ktime_get_ns();
+	offend(&f, TCPSTATE_OFF_RESET_SENT, 0, NULL, now);
+	reset_for_no_socket(&f, tcp[13], now);
 #ifdef TCPSTATE_EMIT_EVENTS
 	emit(ctx, &f, 0, TCPSTATE_EV_RESET_SENT, TCPSTATE_STATE_NONE, TCPSTATE_STATE_NONE, TCPSTATE_REASON_NO_SOCKET,
 	     0, NULL);
 #endif
+	return 0;
+}
+#endif
+
+/* The retransmit programs read the addresses only to apply the filters. */
+#ifdef TCPSTATE_FILTERED
+#define TCPSTATE_RETURN_IF_UNWANTED(flow_from)                                 \
+	do {                                                                   \
+		struct flow f = {};                                            \
+		flow_from(&f, args);                                           \
+		if (!flow_wanted(&f))                                          \
+			return 0;                                              \
+	} while (0)
+#else
+#define TCPSTATE_RETURN_IF_UNWANTED(flow_from) do { } while (0)
+#endif
+
+#ifdef TCPSTATE_HAVE_TCP_RETRANSMIT_SKB
+#ifdef TCPSTATE_RETRANSMIT_SKB_HAS_FAMILY
+#define TCPSTATE_RETRANSMIT_SKB_FLOW TCPSTATE_FLOW_FROM_FIELDS
+#else
+#define TCPSTATE_RETRANSMIT_SKB_FLOW TCPSTATE_FLOW_FROM_MAPPED
+#endif
+/* A segment sent again: what Wireshark flags as a retransmission in a capture on this host. By
+ * the state its connection was in; one re-sent from SYN_SENT is a client's SYN. Plain per-CPU
+ * counters: no table is touched. */
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
+{
+#ifdef TCPSTATE_RETRANSMIT_SKB_HAS_ERR
+	if (args->err)  /* the kernel reports failed attempts too; those never left the host */
+		return 0;
+#endif
+	TCPSTATE_RETURN_IF_UNWANTED(TCPSTATE_RETRANSMIT_SKB_FLOW);
+	__u8 state = tcpstate_clamp_state(args->state);
+	inc_retransmits(state);
+	if (state == TCPSTATE_TCP_SYN_SENT)
+		inc_syn_retrans(TCPSTATE_ROLE_CLIENT);
+	return 0;
+}
+#endif
+
+#ifdef TCPSTATE_HAVE_TCP_RETRANSMIT_SYNACK
+#ifdef TCPSTATE_RETRANSMIT_SYNACK_HAS_FAMILY
+#define TCPSTATE_RETRANSMIT_SYNACK_FLOW TCPSTATE_FLOW_FROM_FIELDS
+#else
+#define TCPSTATE_RETRANSMIT_SYNACK_FLOW TCPSTATE_FLOW_FROM_MAPPED
+#endif
+/* A SYN-ACK sent again for a handshake this host has not completed (its timer, or a duplicate
+ * SYN); the kernel reports only those that went out. Counted under SYN_RECV. */
+TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
+{
+	TCPSTATE_RETURN_IF_UNWANTED(TCPSTATE_RETRANSMIT_SYNACK_FLOW);
+	inc_retransmits(TCPSTATE_TCP_SYN_RECV);
+	inc_syn_retrans(TCPSTATE_ROLE_SERVER);
 	return 0;
 }
 #endif

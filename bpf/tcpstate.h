@@ -43,6 +43,14 @@
 #define TCPSTATE_FAIL_RESET 2
 #define TCPSTATE_FAIL_OTHER 3
 #define TCPSTATE_NFAILS 4
+/* connect_fails holds the failures by class, then the SYNs those failed connects sent. */
+#define TCPSTATE_FAIL_SYNS 4
+#define TCPSTATE_NFAIL_SLOTS 5
+
+/* TCP header flags (byte 13), for the segments the kernel answers with a reset for no socket. */
+#define TCPSTATE_TH_SYN 2
+#define TCPSTATE_TH_RST 4
+#define TCPSTATE_TH_ACK 16
 
 /* Histogram upper bounds in microseconds. Fine at the low end (loopback handshakes
  * take tens of us) and around the SYN retransmission times (1 s, 3 s, 7 s). */
@@ -75,7 +83,8 @@
 #define TCPSTATE_SOCK_EARLY_RESET 16   /* already counted in resets_after_hs */
 
 /* Which end of a connection this host's socket is: it connected (client) or accepted (server).
- * port_reuse index: role; resets_after_hs index: direction * NROLES + role. */
+ * port_reuse and syn_retrans index: role; resets_after_hs index: direction * NROLES + role.
+ * retransmits index: the state the connection was in. */
 #define TCPSTATE_ROLE_CLIENT 0
 #define TCPSTATE_ROLE_SERVER 1
 #define TCPSTATE_NROLES 2

@@ -68,12 +68,28 @@ static __always_inline __u8 tcpstate_failure_class(int err)
 	}
 }
 
-/* A close that a new connection on the same 4-tuple would be a reuse of: the socket had a
- * connection (not a failed connect, not a listener). */
+/* The end of a connection that a new SYN on the same 4-tuple would reuse, as Wireshark sees it
+ * (a conversation that saw a FIN or a RST, or whose SYNs went unanswered): any close of a
+ * connection or connect attempt, failed connects included; not a listener's. The caller leaves
+ * out a failed connect that sent no SYN (EADDRNOTAVAIL): on the wire there was nothing. */
 static __always_inline int tcpstate_records_close(__u8 oldstate, __u8 newstate)
 {
-	return newstate == TCPSTATE_TCP_CLOSE && oldstate != TCPSTATE_TCP_SYN_SENT &&
-	       oldstate != TCPSTATE_TCP_LISTEN && oldstate != TCPSTATE_TCP_CLOSE;
+	return newstate == TCPSTATE_TCP_CLOSE && oldstate != TCPSTATE_TCP_LISTEN && oldstate != TCPSTATE_TCP_CLOSE;
+}
+
+/* A segment that opens a connection (SYN without ACK): what Wireshark's reused-ports check looks
+ * at. A retransmitted SYN looks the same here (Wireshark tells it by its unchanged ISN). */
+static __always_inline int tcpstate_new_syn(__u8 tcp_flags)
+{
+	return (tcp_flags & (TCPSTATE_TH_SYN | TCPSTATE_TH_ACK | TCPSTATE_TH_RST)) == TCPSTATE_TH_SYN;
+}
+
+/* When a new connection's SYN went out, for the reuse window: a client's first SYN left when the
+ * socket entered SYN_SENT (syn_ts_ns, 0 if unknown), however long the handshake then took; an
+ * accepted connection's is taken as now, the end of its handshake. */
+static __always_inline __u64 tcpstate_syn_time(__u64 syn_ts_ns, __u64 now)
+{
+	return syn_ts_ns ? syn_ts_ns : now;
 }
 
 /* An IPv6 address that carries an IPv4 one (::ffff:a.b.c.d). */

@@ -23,8 +23,10 @@ compiler=(gcc libc6-dev)
 # python3-seccomp: the systemd test applies the unit's system-call filters as systemd would;
 # bpftool: the fault tests check that no program or map outlives a killed daemon;
 # bpfcc-tools: `make bench` runs bcc's tcpstates beside tcpstate; shellcheck: the scripts' lint;
-# chromium: the page test loads / in headless Chromium (tests/kernel/test_page.py)
-testing=(python3-pip iproute2 prometheus curl nftables python3-seccomp bpftool bpfcc-tools shellcheck chromium)
+# chromium: the page test loads / in headless Chromium (tests/kernel/test_page.py);
+# tcpdump, tshark: the Wireshark tests capture their traffic and count with tshark's TCP analysis as the oracle
+testing=(python3-pip iproute2 prometheus curl nftables python3-seccomp bpftool bpfcc-tools shellcheck chromium
+         tcpdump tshark)
 # The machines booted under QEMU, kept out of make test (busybox-static alone has the
 # initramfs rebuilt): qemu-system-x86, busybox-static, kmod, xz-utils, zstd: `make test-kernels`
 # boots Debian's kernels (virtme-ng); mmdebstrap, qemu-utils, e2fsprogs: `make test-fresh` builds

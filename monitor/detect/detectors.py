@@ -240,7 +240,16 @@ class ConnectFailures(CounterDetector):
         values = {f"fail:{r}": n for r, n in counts.failures.items()}
         values["failures"] = sum(counts.failures.values())
         values["attempts"] = counts.transitions.get(("CLOSE", "SYN_SENT"), 0)
+        # How many SYNs went out: those of the failed connects, and every connect's retransmitted
+        # ones (absent where the kernel does not count them).
+        if counts.failed_connect_syns is not None:
+            values["syns_sent"] = counts.failed_connect_syns
+        if counts.syn_retransmits is not None:
+            values["syn_retransmits"] = counts.syn_retransmits.get("client", 0)
         return values
+
+    def _counted(self, key: str) -> int | None:
+        return int(self.window.delta(key)) if self.window.samples and key in self.window.samples[-1][1] else None
 
     def judge(self, sample: Sample) -> Verdict:
         rate = self.window.rate("failures")
@@ -248,9 +257,13 @@ class ConnectFailures(CounterDetector):
         failures, attempts = self.window.delta("failures"), self.window.delta("attempts")
         fraction = failures / attempts if attempts else 0.0
         by_reason = {k[5:]: int(v) for k, v in self.window.deltas().items() if k.startswith("fail:")}
+        syns = self._counted("syns_sent")
         details = {"rate_per_second": _round(rate), "failures": int(failures), "attempts": int(attempts),
-                   "by_reason": dict(_top(by_reason, 4))}
+                   "by_reason": dict(_top(by_reason, 4)), "syns_sent": syns,
+                   "syn_retransmits": self._counted("syn_retransmits")}
         reasons = ", ".join(f"{n} {r}" for r, n in _top(by_reason, 4)) or "none"
+        if syns is not None and failures:
+            reasons += f" after {syns} SYNs"
         if c["rate"] > 0 and rate >= c["rate"]:
             return Verdict(True, rate, c["rate"], f"Connect failures at {rate:.1f}/s over {self.window.span():.0f} s "
                            f"(over {c['rate']:g}/s): {reasons}", details)
@@ -262,8 +275,9 @@ class ConnectFailures(CounterDetector):
 
 
 class PortReuse(CounterDetector):
-    """New connections on a 4-tuple that closed less than reuse_within_seconds before (counted in
-    the kernel, by this host's role in them), per second over the window, above a rate."""
+    """New SYNs on a 4-tuple whose previous connection ended (FINs, a reset, refused or timed out)
+    less than reuse_within_seconds before: Wireshark's "TCP Port numbers reused", counted in the
+    kernel by this host's role (it sent the SYN or received it), per second over the window."""
 
     kind = "port_reuse"
     offender_kinds = ("port_reuse",)
@@ -280,8 +294,8 @@ class PortReuse(CounterDetector):
         breach = c["rate"] > 0 and rate >= c["rate"]
         roles = ", ".join(f"{n} as {role}" for role, n in by_role.items())
         summary = (f"Port reuse at {rate:.1f}/s over {self.window.span():.0f} s "
-                   f"({'over' if breach else 'under'} {c['rate']:g}/s): new connections on a 4-tuple closed "
-                   f"less than {c['reuse_within_seconds']:g} s before ({roles})")
+                   f"({'over' if breach else 'under'} {c['rate']:g}/s): new SYNs on a 4-tuple whose last "
+                   f"connection ended less than {c['reuse_within_seconds']:g} s before ({roles})")
         return Verdict(breach, rate, c["rate"], summary, details)
 
 

@@ -32,6 +32,8 @@ class RawCounters:
     stats: tuple
     port_reuse: tuple = (0,) * C["TCPSTATE_NROLES"]
     resets_after_hs: tuple = (0,) * C["TCPSTATE_NRESETS_AFTER_HS"]
+    retransmits: tuple = (0,) * NSTATES
+    syn_retrans: tuple | None = None  # None: this kernel has no retransmit tracepoint to count them
 
 
 class SocketTable(NamedTuple):
@@ -56,6 +58,7 @@ class Counts:
     resets: dict = field(default_factory=dict)  # (direction, state, reason) -> n, non-zero only
     opened: dict = field(default_factory=dict)  # active|passive -> n
     failures: dict = field(default_factory=dict)  # refused|timeout|reset|other -> n
+    failed_connect_syns: int | None = None  # SYNs the failed connects sent; None where the kernel cannot tell
     handshake: Histogram | None = None
     lifetime: Histogram | None = None
     events_lost: int = 0  # kernel-skipped runs plus ring-buffer drops
@@ -63,6 +66,8 @@ class Counts:
     untracked_transitions: int = 0
     port_reuse: dict = field(default_factory=dict)  # client|server -> n
     resets_after_handshake: dict = field(default_factory=dict)  # (sent|received, client|server) -> n
+    retransmits: dict = field(default_factory=dict)  # state -> retransmitted segments, non-zero only
+    syn_retransmits: dict | None = None  # client|server -> re-sent SYNs / SYN-ACKs; None when not counted
     socket_table: SocketTable | None = None  # read at scrapes only: counting the entries walks the table
 
 
@@ -96,7 +101,9 @@ def aggregate(raw: RawCounters, reasons: dict[int, str], programs: dict | None =
         "active": raw.transitions[NUMBERS["SYN_SENT"] * NSTATES + est],
         "passive": raw.transitions[NUMBERS["SYN_RECV"] * NSTATES + est],
     }
-    counts.failures = dict(zip(FAILURE_REASONS, raw.connect_fails))
+    counts.failures = dict(zip(FAILURE_REASONS, raw.connect_fails[:C["TCPSTATE_NFAILS"]]))
+    syns = raw.connect_fails[C["TCPSTATE_FAIL_SYNS"]:C["TCPSTATE_FAIL_SYNS"] + 1]  # absent: not counted here
+    counts.failed_connect_syns = syns[0] if syns else None
     counts.handshake = _histogram(raw.durations, C["TCPSTATE_HIST_HANDSHAKE"])
     counts.lifetime = _histogram(raw.durations, C["TCPSTATE_HIST_LIFETIME"])
     counts.events_lost = raw.stats[C["TCPSTATE_STAT_EVENTS_LOST"]] + sum(p[2] for p in counts.programs.values())
@@ -104,6 +111,9 @@ def aggregate(raw: RawCounters, reasons: dict[int, str], programs: dict | None =
     counts.port_reuse = dict(zip(ROLES, raw.port_reuse))
     counts.resets_after_handshake = {(d, r): raw.resets_after_hs[i * len(ROLES) + j]
                                      for i, d in enumerate(DIRECTIONS) for j, r in enumerate(ROLES)}
+    counts.retransmits = {state_name(i): n for i, n in enumerate(raw.retransmits) if n}
+    if raw.syn_retrans is not None:
+        counts.syn_retransmits = dict(zip(ROLES, raw.syn_retrans))
     return counts
 
 
@@ -111,9 +121,11 @@ def empty_raw() -> RawCounters:
     return RawCounters(
         transitions=(0,) * C["TCPSTATE_NTRANSITIONS"],
         resets=(0,) * C["TCPSTATE_NRESETS"],
-        connect_fails=(0,) * C["TCPSTATE_NFAILS"],
+        connect_fails=(0,) * C["TCPSTATE_NFAIL_SLOTS"],
         durations=(0,) * (C["TCPSTATE_NHIST"] * STRIDE),
         stats=(0,) * C["TCPSTATE_NSTATS"],
         port_reuse=(0,) * C["TCPSTATE_NROLES"],
         resets_after_hs=(0,) * C["TCPSTATE_NRESETS_AFTER_HS"],
+        retransmits=(0,) * NSTATES,
+        syn_retrans=(0,) * C["TCPSTATE_NROLES"],
     )

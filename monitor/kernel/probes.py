@@ -131,7 +131,8 @@ def program_name(group: str, name: str) -> str:
 class Probes:
     """The loaded program: build flags from the layout and filters, then read counters."""
 
-    COUNTER_MAPS = ("transitions", "resets", "connect_fails", "durations", "stats", "port_reuse", "resets_after_hs")
+    COUNTER_MAPS = ("transitions", "resets", "connect_fails", "durations", "stats", "port_reuse", "resets_after_hs",
+                    "retransmits", "syn_retrans")
 
     def __init__(self, layout: Layout, filters: Filters = NO_FILTERS, emit_events: bool = False,
                  max_sockets: int = DEFAULT_MAX_SOCKETS, recent_closes: int = DEFAULT_RECENT_CLOSES,
@@ -285,7 +286,13 @@ class Probes:
         with self._lock:  # concurrent scrapes share the read buffers; close() waits for them
             if self.bpf is None:
                 raise ProbeError("probes are not attached")
-            return RawCounters(*(self._read_percpu(name) for name in self.COUNTER_MAPS))
+            # What this kernel cannot count is absent, not 0: SYN retransmissions without the
+            # tracepoint, the SYNs of failed connects (connect_fails' last slot) without segs_out.
+            maps = [m for m in self.COUNTER_MAPS if m != "syn_retrans" or self.layout.used("tcp_retransmit_skb")]
+            values = {name: self._read_percpu(name) for name in maps}
+            if "TCPSTATE_SEGS_OUT_AT" not in self.layout.offsets:
+                values["connect_fails"] = values["connect_fails"][:C["TCPSTATE_NFAILS"]]
+            return RawCounters(**values)
 
     _COUNT_CHUNK = 4096  # entries per batch call: bounds the buffers whatever --max-sockets is
 

@@ -21,10 +21,13 @@ TRACEPOINTS = (
     ("sock", "inet_sk_error_report", False),
     ("tcp", "tcp_destroy_sock", False),
     ("skb", "kfree_skb", False),
+    ("tcp", "tcp_retransmit_skb", False),
+    ("tcp", "tcp_retransmit_synack", False),
 )
 
 # What each tracepoint's code reads; a format without these fields is a layout we do not know.
-# family is optional where the v4-mapped v6 fields tell it (5.10's tcp_receive_reset, tcp_destroy_sock).
+# family is optional where the v4-mapped v6 fields tell it (5.10's tcp_receive_reset, tcp_destroy_sock,
+# and both retransmit tracepoints).
 _PORTS_AND_V6 = {"sport", "dport", "saddr_v6", "daddr_v6"}
 REQUIRED_FIELDS = {
     "inet_sock_set_state": {"skaddr", "oldstate", "newstate", "protocol", "family", "saddr", "daddr"} | _PORTS_AND_V6,
@@ -32,7 +35,11 @@ REQUIRED_FIELDS = {
     "inet_sk_error_report": {"error", "sport", "dport", "protocol"},
     "tcp_destroy_sock": {"skaddr"} | _PORTS_AND_V6,
     "kfree_skb": {"skbaddr", "reason"},
+    "tcp_retransmit_skb": {"skaddr", "state"} | _PORTS_AND_V6,
+    "tcp_retransmit_synack": _PORTS_AND_V6,
 }
+# Layouts whose family field is optional (the addresses are v4-mapped without it): -D..._HAS_FAMILY.
+_FAMILY_OPTIONAL = ("tcp_receive_reset", "tcp_destroy_sock", "tcp_retransmit_skb", "tcp_retransmit_synack")
 
 # Kernel struct members read at offsets from the running kernel's BTF: -D name=offset.
 BTF_OFFSETS = {
@@ -40,6 +47,7 @@ BTF_OFFSETS = {
     "TCPSTATE_SKB_HEAD_AT": "sk_buff.head",
     "TCPSTATE_SKB_NETWORK_HEADER_AT": "sk_buff.network_header",
     "TCPSTATE_SKB_TRANSPORT_HEADER_AT": "sk_buff.transport_header",
+    "TCPSTATE_SEGS_OUT_AT": "tcp_sock.segs_out",
 }
 _SKB_OFFSETS = ("TCPSTATE_SKB_HEAD_AT", "TCPSTATE_SKB_NETWORK_HEADER_AT", "TCPSTATE_SKB_TRANSPORT_HEADER_AT")
 NO_SOCKET_REASON = 1  # TCPSTATE_REASON_NO_SOCKET
@@ -195,6 +203,23 @@ class Layout:
                 and "NO_SOCKET" in self.drop_reasons and all(k in self.offsets for k in _SKB_OFFSETS))
 
     @property
+    def refused_syn_flags_from_send_reset(self) -> bool:
+        """From 6.10 tcp_send_reset reports a reset for no socket with the segment it answers; its
+        TCP flags (read through sk_buff offsets from BTF) tell a refused SYN from a stray segment."""
+        return (self.send_reset_variant == "sockaddr" and self.usable("tcp_send_reset")
+                and all(k in self.offsets for k in _SKB_OFFSETS))
+
+    @property
+    def refused_syn_source(self) -> str | None:
+        """Where a SYN answered with a reset for no socket is seen as a SYN: what port reuse needs to
+        count a reconnect to a closed port on the refusing host (role server)."""
+        if self.refused_syn_flags_from_send_reset:
+            return "tcp:tcp_send_reset (the segment's TCP flags; sk_buff offsets from BTF)"
+        if self.nosock_resets_from_kfree_skb:
+            return "skb:kfree_skb (drop reason NO_SOCKET, the segment's TCP flags)"
+        return None
+
+    @property
     def nosock_resets_source(self) -> str | None:
         """Where resets sent for no socket are counted from on this kernel, if anywhere."""
         if self.send_reset_variant == "sockaddr" and self.usable("tcp_send_reset"):
@@ -236,7 +261,7 @@ class Layout:
             if self.send_reset_has_reason:
                 extra.append(f"reason ({len(self.reason_names)} names)")
             return f"layout {self.send_reset_variant}" + (f" with {', '.join(extra)}" if extra else "")
-        if name in ("tcp_receive_reset", "tcp_destroy_sock") and not self.has_field(name, "family"):
+        if name in _FAMILY_OPTIONAL and not self.has_field(name, "family"):
             return "ok (no family field: taken from the addresses)"
         return "ok"
 
@@ -261,6 +286,19 @@ class Layout:
             failures = None
             fwhy = (f"every failed connect is 'other': no sock.sk_err offset ({self.btf_problem or 'no tcp_destroy_sock'}) "
                     "and no sock:inet_sk_error_report")
+        if "TCPSTATE_SEGS_OUT_AT" in self.offsets:
+            syns = f"tcp_sock.segs_out (offset {self.offsets['TCPSTATE_SEGS_OUT_AT']} from BTF)"
+        else:
+            syns = None
+        refused, rwhy = self.refused_syn_source, ""
+        if refused is None:
+            rwhy = ("a reconnect to a closed port is counted as port reuse on the connecting host only: "
+                    + (f"no sk_buff offsets ({self.btf_problem})" if self.send_reset_variant == "sockaddr"
+                       else "resets sent for no socket are not seen here"))
+        retransmit = None
+        if self.usable("tcp_retransmit_skb"):
+            retransmit = "tcp:tcp_retransmit_skb (state" + (
+                "; err: failed ones left out)" if self.has_field("tcp_retransmit_skb", "err") else ")")
         return [
             Signal("transitions", "sock:inet_sock_set_state" if self.usable("inet_sock_set_state") else None,
                    "nothing is counted: tcpstate needs it (Linux >= 4.16)"),
@@ -272,6 +310,15 @@ class Layout:
             Signal("socket-table frees", "tcp:tcp_destroy_sock" if self.usable("tcp_destroy_sock") else None,
                    "socket-table slots are freed by LRU eviction only; an abort from FIN_WAIT2/CLOSING counts "
                    "as TIME_WAIT"),
+            Signal("retransmissions", retransmit,
+                   "retransmitted segments are not counted, SYNs (syn_retransmits, role client) included"),
+            Signal("SYN-ACK retransmissions",
+                   "tcp:tcp_retransmit_synack" if self.usable("tcp_retransmit_synack") else None,
+                   "re-sent SYN-ACKs are not counted (syn_retransmits, role server)"),
+            Signal("SYNs of failed connects", syns,
+                   f"connect_failures events carry no SYN count, and a connect() that failed before its SYN "
+                   f"went out (EADDRNOTAVAIL) counts for port reuse as if it had sent one ({self.btf_problem})"),
+            Signal("port reuse of refused SYNs", refused, rwhy),
         ]
 
     def cflags(self) -> list[str]:
@@ -288,11 +335,18 @@ class Layout:
                 flags.append("-DTCPSTATE_SEND_RESET_HAS_STATE")
             if self.send_reset_has_reason:
                 flags.append("-DTCPSTATE_SEND_RESET_HAS_REASON")
-        for name in ("tcp_receive_reset", "tcp_destroy_sock"):
+        for name in _FAMILY_OPTIONAL:
             if self.usable(name) and self.has_field(name, "family"):
                 flags.append(f"-DTCPSTATE_{name.upper()[4:]}_HAS_FAMILY")
+        if self.usable("tcp_retransmit_skb") and self.has_field("tcp_retransmit_skb", "err"):
+            flags.append("-DTCPSTATE_RETRANSMIT_SKB_HAS_ERR")
         if self.failure_reasons_from_sk_err:
             flags.append(f"-DTCPSTATE_SK_ERR_AT={self.offsets['TCPSTATE_SK_ERR_AT']}")
+        if "TCPSTATE_SEGS_OUT_AT" in self.offsets:
+            flags.append(f"-DTCPSTATE_SEGS_OUT_AT={self.offsets['TCPSTATE_SEGS_OUT_AT']}")
+        if self.refused_syn_flags_from_send_reset:
+            flags.append("-DTCPSTATE_SEND_RESET_SKB_FLAGS")
+            flags += [f"-D{k}={self.offsets[k]}" for k in _SKB_OFFSETS]
         if self.nosock_resets_from_kfree_skb:
             fields = self.formats["kfree_skb"].fields
             flags += ["-DTCPSTATE_NOSOCK_RESETS_FROM_KFREE_SKB",

@@ -25,13 +25,13 @@ FIGURE_TRANSITIONS = (
 )
 
 # Counters shown beside the figure: JSON name -> how to read {label: total} from aggregator.Counts.
-# A Counts without the attribute (syn_retransmits until the kernel side counts them) leaves the
-# group out of the JSON rather than showing zeros that were never measured.
+# A group read as None (syn_retransmits on a kernel without the retransmit tracepoint) is left out
+# of the JSON rather than showing zeros that were never measured.
 COUNTER_GROUPS = {
     "connect_failures": lambda c: c.failures,
     "port_reuse": lambda c: c.port_reuse,
     "resets_after_handshake": lambda c: {f"{d}/{r}": n for (d, r), n in c.resets_after_handshake.items()},
-    "syn_retransmits": lambda c: getattr(c, "syn_retransmits", None),
+    "syn_retransmits": lambda c: c.syn_retransmits,
 }
 
 

@@ -107,11 +107,22 @@ class Delta:
     misses: dict  # tracepoint -> runs the kernel skipped meanwhile
     port_reuse: dict  # client|server -> n, non-zero only
     resets_after_handshake: dict  # sent|received -> n, non-zero only
+    retransmits: dict  # state -> n, non-zero only
+    syn_retransmits: dict  # client|server -> n, non-zero only
+    failed_connect_syns: int
+    handshake_buckets: dict  # upper bound in seconds -> handshakes in that bucket alone, non-zero only
+    handshake_seconds: float  # their sum
 
 
 def _diff(after: dict, before: dict) -> dict:
     out = {k: v - before.get(k, 0) for k, v in after.items()}
     return {k: v for k, v in out.items() if v}
+
+
+def _bucket_deltas(after: tuple, before: tuple) -> dict:
+    """Per bucket of a cumulative histogram, the observations that landed in it alone."""
+    grown = [(bound, a - b) for (bound, a), (_, b) in zip(after, before)]
+    return _diff({bound: n - (grown[i - 1][1] if i else 0) for i, (bound, n) in enumerate(grown)}, {})
 
 
 class Meter:
@@ -137,6 +148,11 @@ class Meter:
             misses={tp: st[2] - b.programs[tp][2] for tp, st in a.programs.items()},
             port_reuse=_diff(a.port_reuse, b.port_reuse),
             resets_after_handshake=_diff(a.resets_after_handshake, b.resets_after_handshake),
+            retransmits=_diff(a.retransmits, b.retransmits),
+            syn_retransmits=_diff(a.syn_retransmits or {}, b.syn_retransmits or {}),
+            failed_connect_syns=a.failed_connect_syns - b.failed_connect_syns,
+            handshake_buckets=_bucket_deltas(a.handshake.buckets, b.handshake.buckets),
+            handshake_seconds=a.handshake.sum_seconds - b.handshake.sum_seconds,
         )
 
     def settle(self, expected_transitions: dict, timeout: float = 10.0) -> Delta:

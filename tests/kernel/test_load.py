@@ -199,6 +199,9 @@ def test_reset_storm_at_full_rate(netns, churn, tmp_path):
         assert counted <= failed, f"{what} counted {counted} > {failed} refused connects"
         assert failed - counted <= skipped + slack, f"{what}: {failed - counted} missing, kernel skipped {skipped}"
     assert sum(failures.values()) <= failed, failures
+    # Exact classes: every failure counted is a refused one (the socket's own error, read at its
+    # BTF offset: nothing keyed by port that a reconnect could take over).
+    assert set(failures) == {(("reason", "refused"),)}, failures
 
     # The detector fired during the storm and resolved after it, within its window + hold-down.
     assert [s for _, s in storm] == ["firing", "resolved"], storm

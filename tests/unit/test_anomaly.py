@@ -178,6 +178,29 @@ def test_connect_failures_rate():
     assert e.details["by_reason"] == {"refused": 50} and "50 refused" in e.summary
 
 
+def test_connect_failures_say_how_many_syns_went_out():
+    """Connects timing out after 6 SYNs each (a silent drop), beside refused ones after one."""
+    d = ConnectFailures(cfg("connect_failures", window_seconds=5.0, rate=1.0, fraction=0.0))
+    fired = []
+    for i in range(6):
+        c = counts(failures={"refused": 2 * i, "timeout": 3 * i, "reset": 0, "other": 0}, attempts=10 * i)
+        c.failed_connect_syns = 2 * i + 18 * i
+        c.syn_retransmits = {"client": 15 * i + 4 * i, "server": 7}  # 4 more re-sent by connects that worked
+        fired += [e for e in [d.step(Sample(T0 + i, c))] if e]
+    (e,) = fired
+    assert e.details["by_reason"] == {"timeout": 3, "refused": 2}
+    assert (e.details["syns_sent"], e.details["syn_retransmits"]) == (20, 19)
+    assert e.summary.endswith("3 timeout, 2 refused after 20 SYNs")
+
+
+def test_connect_failures_without_syn_counts():
+    """A kernel that cannot count the SYNs says null, not 0."""
+    d = ConnectFailures(cfg("connect_failures", window_seconds=5.0, rate=1.0, fraction=0.0))
+    fired = [e for i in range(6) if (e := d.step(Sample(T0 + i, fail_counts(5 * i, 5 * i))))]
+    assert fired[0].details["syns_sent"] is None and fired[0].details["syn_retransmits"] is None
+    assert "SYNs" not in fired[0].summary
+
+
 def test_connect_failures_fraction_needs_min_attempts():
     d = ConnectFailures(cfg("connect_failures", window_seconds=10.0, rate=0.0, fraction=0.5, min_attempts=10))
     # 6 attempts, all failed: a fraction of 1, but too few to judge

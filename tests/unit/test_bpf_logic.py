@@ -32,6 +32,8 @@ HARNESS = textwrap.dedent("""
     int hist_bucket(unsigned long long us) { return tcpstate_hist_bucket(us); }
     int clamp_reason(unsigned int r) { return tcpstate_clamp_reason(r); }
     int records_close(int o, int n) { return tcpstate_records_close(o, n); }
+    int new_syn(int flags) { return tcpstate_new_syn(flags); }
+    unsigned long long syn_time(unsigned long long syn, unsigned long long now) { return tcpstate_syn_time(syn, now); }
     int opening_role(int o) { return tcpstate_opening_role(o); }
     unsigned long long flow_hash(const unsigned long long *w) { return tcpstate_flow_hash(w); }
     unsigned int close_tick(unsigned long long ns) { return tcpstate_close_tick(ns); }
@@ -97,6 +99,8 @@ def logic(tmp_path_factory):
     lib.close_window.argtypes = [ctypes.c_ulonglong]
     lib.close_window.restype = ctypes.c_uint
     lib.early_reset.argtypes = [ctypes.c_ulonglong] * 3 + [ctypes.c_int]
+    lib.syn_time.argtypes = [ctypes.c_ulonglong] * 2
+    lib.syn_time.restype = ctypes.c_ulonglong
     return lib
 
 
@@ -208,14 +212,33 @@ def test_python_names_every_offender_kind_and_role(c_layout):
     assert ROLES[C["TCPSTATE_ROLE_SERVER"]] == "server"
 
 
-@pytest.mark.parametrize("old", [ESTABLISHED, FIN_WAIT2, CLOSING, LAST_ACK, CLOSE_WAIT, SYN_RECV, FIN_WAIT1])
-def test_a_connection_closing_is_remembered(logic, old):
+@pytest.mark.parametrize("old", [ESTABLISHED, FIN_WAIT2, CLOSING, LAST_ACK, CLOSE_WAIT, SYN_RECV, FIN_WAIT1, SYN_SENT])
+def test_a_connection_or_connect_ending_is_remembered(logic, old):
+    """Wireshark flags a SYN on the 4-tuple of any earlier conversation: one that ended with FINs,
+    a reset, or SYNs that were refused or never answered (SYN_SENT->CLOSE)."""
     assert logic.records_close(old, CLOSE) == 1
 
 
-@pytest.mark.parametrize("old,new", [(SYN_SENT, CLOSE), (LISTEN, CLOSE), (ESTABLISHED, FIN_WAIT1), (CLOSE, SYN_SENT)])
-def test_failed_connects_listeners_and_other_transitions_are_not(logic, old, new):
+@pytest.mark.parametrize("old,new", [(LISTEN, CLOSE), (ESTABLISHED, FIN_WAIT1), (CLOSE, SYN_SENT), (CLOSE, CLOSE)])
+def test_listeners_and_other_transitions_are_not(logic, old, new):
     assert logic.records_close(old, new) == 0
+
+
+TH_FIN, TH_SYN, TH_RST, TH_PSH, TH_ACK = 1, 2, 4, 8, 16
+
+
+def test_a_new_syn_is_a_syn_without_ack(logic):
+    assert logic.new_syn(TH_SYN) == 1
+    assert logic.new_syn(TH_SYN | 0x40 | 0x80) == 1  # ECE and CWR: an ECN-setup SYN
+    assert [logic.new_syn(f) for f in (TH_SYN | TH_ACK, TH_ACK, TH_ACK | TH_PSH, TH_FIN | TH_ACK, TH_SYN | TH_RST, 0)] \
+        == [0] * 6
+
+
+def test_the_reuse_window_runs_to_the_clients_first_syn(logic):
+    # A connect whose SYN went out at 5 s and whose handshake ended at 70 s: the window is measured
+    # from the SYN. An accepted connection (no SYN_SENT time) is measured at the handshake's end.
+    assert logic.syn_time(5_000_000_000, 70_000_000_000) == 5_000_000_000
+    assert logic.syn_time(0, 70_000_000_000) == 70_000_000_000
 
 
 def test_the_4_tuple_is_looked_up_on_leaving_syn_sent_or_syn_recv(logic):

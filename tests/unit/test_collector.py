@@ -26,7 +26,8 @@ def r(direction, state, reason):
 
 def recorded():
     """What the maps held after 2 client-closes-first connections, 1 refused connect, 1 abort right
-    after the handshake from the port of one of the closed connections."""
+    after the handshake from the port of one of the closed connections; one of the connects needed
+    a second SYN, and 2 data segments were sent again."""
     raw = empty_raw()
     tr = list(raw.transitions)
     for key, n in {("CLOSE", "SYN_SENT"): 4, ("SYN_SENT", "ESTABLISHED"): 3, ("ESTABLISHED", "FIN_WAIT1"): 2,
@@ -37,7 +38,7 @@ def recorded():
     rs[r(0, 0, 1)] = 1  # sent, NONE, NO_SOCKET
     rs[r(1, NUMBERS["SYN_SENT"], C["TCPSTATE_REASON_UNKNOWN"])] = 1
     rs[r(0, NUMBERS["ESTABLISHED"], 14)] = 1
-    fails = [1, 0, 0, 0]
+    fails = [1, 0, 0, 0, 1]  # refused, timeout, reset, other; the SYNs they sent
     durations = list(raw.durations)
     durations[0] = 3  # three handshakes <= 50us
     durations[NB + 1] = 90_000  # their sum in ns
@@ -46,8 +47,10 @@ def recorded():
     durations[lifetime + 13] = 1  # <= 1s
     durations[lifetime + NB + 1] = 1_000_150_000
     stats = [0, 5, 0, 0]
+    retransmits = [0] * NS
+    retransmits[NUMBERS["SYN_SENT"]], retransmits[NUMBERS["ESTABLISHED"]] = 1, 2
     return RawCounters(tuple(tr), tuple(rs), tuple(fails), tuple(durations), tuple(stats), port_reuse=(1, 0),
-                       resets_after_hs=(1, 0, 0, 0))
+                       resets_after_hs=(1, 0, 0, 0), retransmits=tuple(retransmits), syn_retrans=(1, 0))
 
 
 PROGRAMS = {"sock:inet_sock_set_state": (2_500_000_000, 100, 3), "tcp:tcp_send_reset": (0, 0, 0)}
@@ -73,6 +76,9 @@ def test_aggregate_names_and_derives():
                              ("sent", "ESTABLISHED", "TCP_STATE"): 1}
     assert counts.opened == {"active": 3, "passive": 0}
     assert counts.failures == {"refused": 1, "timeout": 0, "reset": 0, "other": 0}
+    assert counts.failed_connect_syns == 1
+    assert counts.retransmits == {"SYN_SENT": 1, "ESTABLISHED": 2}
+    assert counts.syn_retransmits == {"client": 1, "server": 0}
     assert counts.handshake.count == 3 and counts.handshake.sum_seconds == pytest.approx(90e-6)
     assert counts.lifetime.count == 3
     assert counts.untracked_transitions == 5
@@ -80,6 +86,14 @@ def test_aggregate_names_and_derives():
     assert counts.resets_after_handshake == {("sent", "client"): 1, ("sent", "server"): 0,
                                              ("received", "client"): 0, ("received", "server"): 0}
     assert aggregate(recorded(), REASONS, PROGRAMS).events_lost == 3
+
+
+def test_syn_retransmits_are_absent_where_nothing_counts_them():
+    raw = empty_raw()
+    counts = aggregate(RawCounters(raw.transitions, raw.resets, raw.connect_fails, raw.durations, raw.stats), REASONS)
+    assert counts.syn_retransmits is None and counts.retransmits == {}
+    text = generate_latest(registry_for(counts)).decode()
+    assert "tcpstate_syn_retransmits" not in text and "# TYPE tcpstate_retransmits_total counter" in text
 
 
 def test_reason_missing_from_kernel_table_is_unknown():
@@ -105,6 +119,8 @@ def test_sample_values():
     assert v("tcpstate_connection_duration_seconds_count") == 3
     assert v("tcpstate_probe_attached", {"tracepoint": "tcp:tcp_receive_reset"}) == 0
     assert v("tcpstate_untracked_transitions_total") == 5
+    assert v("tcpstate_retransmits_total", {"state": "ESTABLISHED"}) == 2
+    assert v("tcpstate_syn_retransmits_total", {"role": "client"}) == 1
     assert v("tcpstate_socket_table_entries") == 1200
     assert v("tcpstate_socket_table_evictions_total") == 7
 
@@ -150,7 +166,7 @@ tcpstate_connect_failures_total{reason="refused"} 1.0
 tcpstate_connect_failures_total{reason="timeout"} 0.0
 tcpstate_connect_failures_total{reason="reset"} 0.0
 tcpstate_connect_failures_total{reason="other"} 0.0
-# HELP tcpstate_port_reuse_total New connections on a 4-tuple (addresses and ports) that closed within the reuse window, by this host's end: client (connect) or server (accept).
+# HELP tcpstate_port_reuse_total New SYNs on a 4-tuple (addresses and ports) whose previous connection ended (FIN, RST, refused or timed out) within the reuse window, as Wireshark flags "TCP Port numbers reused"; by this host's end: client (sent the SYN) or server (received it).
 # TYPE tcpstate_port_reuse_total counter
 tcpstate_port_reuse_total{role="client"} 1.0
 tcpstate_port_reuse_total{role="server"} 0.0
@@ -160,6 +176,14 @@ tcpstate_resets_after_handshake_total{direction="sent",role="client"} 1.0
 tcpstate_resets_after_handshake_total{direction="sent",role="server"} 0.0
 tcpstate_resets_after_handshake_total{direction="received",role="client"} 0.0
 tcpstate_resets_after_handshake_total{direction="received",role="server"} 0.0
+# HELP tcpstate_retransmits_total Segments sent again (SYN-ACKs included), by the state the connection was in: Wireshark's tcp.analysis.retransmission in a capture on this host.
+# TYPE tcpstate_retransmits_total counter
+tcpstate_retransmits_total{state="ESTABLISHED"} 2.0
+tcpstate_retransmits_total{state="SYN_SENT"} 1.0
+# HELP tcpstate_syn_retransmits_total SYNs re-sent from SYN_SENT (client) and SYN-ACKs re-sent from SYN_RECV (server): the first sign of loss, a full SYN queue or a silent firewall.
+# TYPE tcpstate_syn_retransmits_total counter
+tcpstate_syn_retransmits_total{role="client"} 1.0
+tcpstate_syn_retransmits_total{role="server"} 0.0
 # HELP tcpstate_handshake_duration_seconds Time from SYN_SENT to ESTABLISHED, one per active open.
 # TYPE tcpstate_handshake_duration_seconds histogram
 tcpstate_handshake_duration_seconds_bucket{le="5e-05"} 3.0

@@ -89,7 +89,7 @@ def test_the_daemon_set_has_what_a_fresh_machine_lacks_and_no_test_tool():
 
 def test_the_test_sets_keep_every_tool_the_tests_use():
     assert package_list("testing") == {"python3-pip", "iproute2", "prometheus", "curl", "nftables", "python3-seccomp",
-                                       "bpftool", "bpfcc-tools", "shellcheck", "chromium"}
+                                       "bpftool", "bpfcc-tools", "shellcheck", "chromium", "tcpdump", "tshark"}
     assert "packages+=(kubernetes-client)" in SETUP.read_text()
     # QEMU's tools stay out of make test: busybox-static has the initramfs rebuilt, minutes under emulation
     assert package_list("machines") == {"qemu-system-x86", "busybox-static", "kmod", "xz-utils", "zstd", "mmdebstrap",

@@ -11,10 +11,13 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 ROWS = {  # table row -> the Signal it describes
     "transitions": "transitions", "resets sent": "resets sent", "resets sent for no socket": "resets sent for no socket",
     "resets received": "resets received", "failed-connect causes": "failed-connect causes",
-    "socket-table frees": "socket-table frees",
+    "socket-table frees": "socket-table frees", "retransmissions": "retransmissions",
+    "SYN-ACK retransmissions": "SYN-ACK retransmissions", "SYNs of failed connects": "SYNs of failed connects",
+    "port reuse of refused SYNs": "port reuse of refused SYNs",
 }
 FAMILY_ROWS = {"resets sent": "tcp_send_reset", "resets received": "tcp_receive_reset",
-               "socket-table frees": "tcp_destroy_sock"}
+               "socket-table frees": "tcp_destroy_sock", "retransmissions": "tcp_retransmit_skb",
+               "SYN-ACK retransmissions": "tcp_retransmit_synack"}
 
 
 def kernel_table() -> dict:
@@ -59,6 +62,8 @@ def test_each_cell_says_what_the_code_does_on_that_kernel(tmp_path, kernel):
         sockaddr = tracepoint == "tcp_send_reset" and layout.send_reset_variant == "sockaddr"  # family inside
         if tracepoint and not sockaddr:
             assert ("no `family`" in cell) == (not layout.has_field(tracepoint, "family")), (row, kernel, cell)
+    # Failed retransmissions are reported, and left out, only where the tracepoint has err.
+    assert ("`err`" in table["retransmissions"][kernel]) == layout.has_field("tcp_retransmit_skb", "err")
     reasons = table["reset reasons"][kernel]
     if not layout.reason_names:
         assert reasons.startswith("none")

@@ -116,12 +116,13 @@ def test_kernel_info_from_the_layout_and_the_probes(tmp_path):
     info = summary.kernel_info("5.10.0-46-amd64", layout, layout.probe_states())
     assert info["release"] == "5.10.0-46-amd64" and info["send_reset_layout"] == "legacy-nofamily"
     assert info["probes"] == {"sock:inet_sock_set_state": True, "tcp:tcp_send_reset": True,
-                              "tcp:tcp_receive_reset": True, "tcp:tcp_destroy_sock": True}
+                              "tcp:tcp_receive_reset": True, "tcp:tcp_destroy_sock": True,
+                              "tcp:tcp_retransmit_skb": True, "tcp:tcp_retransmit_synack": True}
     signals = {s["name"]: s for s in info["signals"]}
     assert signals["transitions"] == {"name": "transitions", "source": "sock:inet_sock_set_state", "missing": None}
     nosock = signals["resets sent for no socket"]
     assert nosock["source"] is None and "not counted" in nosock["missing"]  # what the page shows as degraded
-    assert len(signals) == 6
+    assert len(signals) == 10
 
 
 # --- the README's schema ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from monitor.kernel.tracefs import (
 DATA = Path(__file__).parent / "data" / "kernels"
 KERNELS = ("5.10", "6.1", "6.12", "6.18")
 GROUPS = {"inet_sock_set_state": "sock", "inet_sk_error_report": "sock", "kfree_skb": "skb"}
-FAKE_OFFSETS = dict(zip(BTF_OFFSETS, (284, 192, 180, 178)))  # what a kernel's BTF gives (6.18's values)
+FAKE_OFFSETS = dict(zip(BTF_OFFSETS, (284, 192, 180, 178, 1536)))  # what a kernel's BTF gives (6.18's values)
 
 
 def kernel_tracefs(tmp_path: Path, kernel: str, skip: tuple = ()) -> str:
@@ -65,15 +65,16 @@ def test_reason_names_from_print_fmt():
 
 # kernel -> (tcp_send_reset layout, which layouts carry family, where resets sent for no socket and
 # failed-connect causes come from with BTF, and without it)
+FAMILY = {"tcp_receive_reset", "tcp_destroy_sock", "tcp_retransmit_skb", "tcp_retransmit_synack"}
 EXPECTED = {
     "5.10": ("legacy-nofamily", set(), None, "sock.sk_err", None),
-    "6.1": ("legacy", {"tcp_receive_reset", "tcp_destroy_sock"}, "skb:kfree_skb", "sock.sk_err",
-            "sock:inet_sk_error_report"),
-    "6.12": ("sockaddr", {"tcp_receive_reset", "tcp_destroy_sock"}, "tcp:tcp_send_reset", "sock.sk_err",
-             "sock:inet_sk_error_report"),
-    "6.18": ("sockaddr", {"tcp_receive_reset", "tcp_destroy_sock"}, "tcp:tcp_send_reset", "sock.sk_err",
-             "sock:inet_sk_error_report"),
+    "6.1": ("legacy", FAMILY, "skb:kfree_skb", "sock.sk_err", "sock:inet_sk_error_report"),
+    "6.12": ("sockaddr", FAMILY, "tcp:tcp_send_reset", "sock.sk_err", "sock:inet_sk_error_report"),
+    "6.18": ("sockaddr", FAMILY, "tcp:tcp_send_reset", "sock.sk_err", "sock:inet_sk_error_report"),
 }
+# Signals no kernel of the matrix lacks with BTF, and those a kernel without BTF loses.
+ALWAYS = ("transitions", "resets sent", "resets received", "failed-connect causes", "socket-table frees",
+          "retransmissions", "SYN-ACK retransmissions", "SYNs of failed connects")
 
 
 def source(layout, name):
@@ -86,15 +87,20 @@ def test_layout_of_each_kernel(tmp_path, kernel):
     variant, with_family, nosock, failures, failures_without_btf = EXPECTED[kernel]
     layout = layout_of(tmp_path / "btf", kernel)
     assert layout.send_reset_variant == variant
-    assert {n for n in ("tcp_receive_reset", "tcp_destroy_sock") if layout.has_field(n, "family")} == with_family
+    assert {n for n in FAMILY if layout.has_field(n, "family")} == with_family
     assert all(layout.usable(n) for n in ("inet_sock_set_state", "tcp_send_reset", "tcp_receive_reset",
-                                          "tcp_destroy_sock"))
+                                          "tcp_destroy_sock", "tcp_retransmit_skb", "tcp_retransmit_synack"))
     assert source(layout, "resets sent for no socket") == nosock
     assert source(layout, "failed-connect causes") == failures
-    assert all(s.source for s in layout.signals() if s.name != "resets sent for no socket")
+    # A reconnect to a closed port is seen as a SYN where the reset for it is seen at all.
+    assert source(layout, "port reuse of refused SYNs") == nosock
+    assert all(source(layout, name) for name in ALWAYS)
+    assert source(layout, "SYNs of failed connects") == "tcp_sock.segs_out"
     bare = layout_of(tmp_path / "nobtf", kernel, btf=False)
     assert source(bare, "failed-connect causes") == failures_without_btf
     assert source(bare, "resets sent for no socket") == (nosock if nosock == "tcp:tcp_send_reset" else None)
+    assert source(bare, "SYNs of failed connects") is None and source(bare, "port reuse of refused SYNs") is None
+    assert source(bare, "retransmissions") == "tcp:tcp_retransmit_skb"
 
 
 def test_cflags_of_5_10(tmp_path):
@@ -102,10 +108,13 @@ def test_cflags_of_5_10(tmp_path):
     layout = layout_of(tmp_path, "5.10")
     assert layout.cflags() == [
         "-DTCPSTATE_HAVE_TCP_SEND_RESET", "-DTCPSTATE_HAVE_TCP_RECEIVE_RESET", "-DTCPSTATE_HAVE_TCP_DESTROY_SOCK",
-        "-DTCPSTATE_SEND_RESET_HAS_STATE", "-DTCPSTATE_SK_ERR_AT=284",
+        "-DTCPSTATE_HAVE_TCP_RETRANSMIT_SKB", "-DTCPSTATE_HAVE_TCP_RETRANSMIT_SYNACK",
+        "-DTCPSTATE_SEND_RESET_HAS_STATE", "-DTCPSTATE_SK_ERR_AT=284", "-DTCPSTATE_SEGS_OUT_AT=1536",
     ]
     assert layout.probe_states() == {"sock:inet_sock_set_state": True, "tcp:tcp_send_reset": True,
-                                     "tcp:tcp_receive_reset": True, "tcp:tcp_destroy_sock": True}
+                                     "tcp:tcp_receive_reset": True, "tcp:tcp_destroy_sock": True,
+                                     "tcp:tcp_retransmit_skb": True, "tcp:tcp_retransmit_synack": True}
+    assert layout.describe("tcp_retransmit_skb") == "ok (no family field: taken from the addresses)"
     assert layout.describe("kfree_skb") == "no drop reason (before 5.17)"
     (nosock,) = [s for s in layout.signals() if s.name == "resets sent for no socket"]
     assert "from 6.10" in nosock.missing and "before 5.17" in nosock.missing
@@ -119,9 +128,11 @@ def test_cflags_of_6_1(tmp_path):
     no_socket = layout.drop_reasons["NO_SOCKET"]
     assert layout.cflags() == [
         "-DTCPSTATE_HAVE_TCP_SEND_RESET", "-DTCPSTATE_HAVE_TCP_RECEIVE_RESET", "-DTCPSTATE_HAVE_TCP_DESTROY_SOCK",
+        "-DTCPSTATE_HAVE_TCP_RETRANSMIT_SKB", "-DTCPSTATE_HAVE_TCP_RETRANSMIT_SYNACK",
         "-DTCPSTATE_SEND_RESET_HAS_FAMILY", "-DTCPSTATE_SEND_RESET_HAS_STATE",
-        "-DTCPSTATE_RECEIVE_RESET_HAS_FAMILY", "-DTCPSTATE_DESTROY_SOCK_HAS_FAMILY", "-DTCPSTATE_SK_ERR_AT=284",
-        "-DTCPSTATE_NOSOCK_RESETS_FROM_KFREE_SKB", f"-DTCPSTATE_KFREE_SKB_SKBADDR_AT={kfree['skbaddr'].offset}",
+        "-DTCPSTATE_RECEIVE_RESET_HAS_FAMILY", "-DTCPSTATE_DESTROY_SOCK_HAS_FAMILY",
+        "-DTCPSTATE_RETRANSMIT_SKB_HAS_FAMILY", "-DTCPSTATE_RETRANSMIT_SYNACK_HAS_FAMILY", "-DTCPSTATE_SK_ERR_AT=284",
+        "-DTCPSTATE_SEGS_OUT_AT=1536", "-DTCPSTATE_NOSOCK_RESETS_FROM_KFREE_SKB", f"-DTCPSTATE_KFREE_SKB_SKBADDR_AT={kfree['skbaddr'].offset}",
         f"-DTCPSTATE_KFREE_SKB_REASON_AT={kfree['reason'].offset}", f"-DTCPSTATE_DROP_NO_SOCKET={no_socket}",
         "-DTCPSTATE_SKB_HEAD_AT=192", "-DTCPSTATE_SKB_NETWORK_HEADER_AT=180", "-DTCPSTATE_SKB_TRANSPORT_HEADER_AT=178",
     ]
@@ -130,11 +141,18 @@ def test_cflags_of_6_1(tmp_path):
 
 
 def test_cflags_of_6_18(tmp_path):
+    """tcp_retransmit_skb reports failed retransmissions too (err); a reset for no socket comes with
+    the segment it answers, whose flags tell a refused SYN."""
     layout = layout_of(tmp_path, "6.18")
     assert layout.cflags() == [
         "-DTCPSTATE_HAVE_TCP_SEND_RESET", "-DTCPSTATE_HAVE_TCP_RECEIVE_RESET", "-DTCPSTATE_HAVE_TCP_DESTROY_SOCK",
+        "-DTCPSTATE_HAVE_TCP_RETRANSMIT_SKB", "-DTCPSTATE_HAVE_TCP_RETRANSMIT_SYNACK",
         "-DTCPSTATE_SEND_RESET_SOCKADDR", "-DTCPSTATE_SEND_RESET_HAS_STATE", "-DTCPSTATE_SEND_RESET_HAS_REASON",
-        "-DTCPSTATE_RECEIVE_RESET_HAS_FAMILY", "-DTCPSTATE_DESTROY_SOCK_HAS_FAMILY", "-DTCPSTATE_SK_ERR_AT=284",
+        "-DTCPSTATE_RECEIVE_RESET_HAS_FAMILY", "-DTCPSTATE_DESTROY_SOCK_HAS_FAMILY",
+        "-DTCPSTATE_RETRANSMIT_SKB_HAS_FAMILY", "-DTCPSTATE_RETRANSMIT_SYNACK_HAS_FAMILY",
+        "-DTCPSTATE_RETRANSMIT_SKB_HAS_ERR", "-DTCPSTATE_SK_ERR_AT=284", "-DTCPSTATE_SEGS_OUT_AT=1536",
+        "-DTCPSTATE_SEND_RESET_SKB_FLAGS", "-DTCPSTATE_SKB_HEAD_AT=192", "-DTCPSTATE_SKB_NETWORK_HEADER_AT=180",
+        "-DTCPSTATE_SKB_TRANSPORT_HEADER_AT=178",
     ]
     assert "skb:kfree_skb" not in layout.probe_states()  # tcp_send_reset reports resets for no socket itself
     bare = layout_of(tmp_path / "bare", "6.18", btf=False)

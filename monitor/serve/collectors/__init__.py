@@ -19,7 +19,9 @@ KINDS = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}
 class Family:
     """One metric family of a collector's table: name (a counter's without _total), kind, help,
     labels, and samples(source) -> iterable of (label values, value), for the source the
-    collector read at this scrape. A histogram's samples() returns a counters.Histogram, or None."""
+    collector read at this scrape. A histogram's samples() returns a counters.Histogram. samples()
+    returning None leaves the family out of the scrape: a count this kernel cannot make is absent,
+    not a zero that was never measured."""
 
     name: str
     kind: str  # counter | gauge | histogram
@@ -28,12 +30,15 @@ class Family:
     samples: Callable
 
     def build(self, source):
+        found = self.samples(source)
+        if found is None:
+            return None
         if self.kind == "histogram":
-            hist = self.samples(source)
+            hist = found
             buckets = [("+Inf" if math.isinf(b) else repr(b), c) for b, c in hist.buckets]
             return HistogramMetricFamily(self.name, self.help, buckets=buckets, sum_value=hist.sum_seconds)
         family = KINDS[self.kind](self.name, self.help, labels=list(self.labels))
-        for label_values, value in self.samples(source):
+        for label_values, value in found:
             family.add_metric(list(label_values), value)
         return family
 
@@ -45,4 +50,5 @@ def one(value) -> list:
 
 def families(table: Iterable[Family], source):
     for family in table:
-        yield family.build(source)
+        if (built := family.build(source)) is not None:
+            yield built

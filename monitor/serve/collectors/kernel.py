@@ -1,4 +1,4 @@
-"""kernel.py: the in-kernel counters read at scrape time: transitions, resets, opens, failures, port reuse, durations, the programs' own stats."""
+"""kernel.py: the in-kernel counters read at scrape time: transitions, resets, opens, failures, port reuse, retransmissions, durations, the programs' own stats."""
 
 from __future__ import annotations
 
@@ -40,13 +40,20 @@ COUNTS = (
            "passive (accept).", ("direction",), lambda c: [((d,), c.opened.get(d, 0)) for d in ("active", "passive")]),
     Family("tcpstate_connect_failures", "counter", "Connects that went SYN_SENT->CLOSE, by the socket error.",
            ("reason",), lambda c: [((r,), c.failures.get(r, 0)) for r in FAILURE_REASONS]),
-    Family("tcpstate_port_reuse", "counter", "New connections on a 4-tuple (addresses and ports) that closed within "
-           "the reuse window, by this host's end: client (connect) or server (accept).", ("role",),
+    Family("tcpstate_port_reuse", "counter", "New SYNs on a 4-tuple (addresses and ports) whose previous connection "
+           "ended (FIN, RST, refused or timed out) within the reuse window, as Wireshark flags \"TCP Port numbers "
+           "reused\"; by this host's end: client (sent the SYN) or server (received it).", ("role",),
            lambda c: [((r,), c.port_reuse.get(r, 0)) for r in ROLES]),
     Family("tcpstate_resets_after_handshake", "counter", "Connections reset soon after ESTABLISHED "
            "(reset_after_handshake.within_seconds), by the reset's direction and this host's end; received by a "
            "client is what an on-path device rejecting requests looks like.", ("direction", "role"),
            lambda c: [((d, r), c.resets_after_handshake.get((d, r), 0)) for d in DIRECTIONS for r in ROLES]),
+    Family("tcpstate_retransmits", "counter", "Segments sent again (SYN-ACKs included), by the state the connection "
+           "was in: Wireshark's tcp.analysis.retransmission in a capture on this host.", ("state",),
+           lambda c: sorted(((s,), n) for s, n in c.retransmits.items())),
+    Family("tcpstate_syn_retransmits", "counter", "SYNs re-sent from SYN_SENT (client) and SYN-ACKs re-sent from "
+           "SYN_RECV (server): the first sign of loss, a full SYN queue or a silent firewall.", ("role",),
+           lambda c: None if c.syn_retransmits is None else [((r,), c.syn_retransmits.get(r, 0)) for r in ROLES]),
     Family("tcpstate_handshake_duration_seconds", "histogram", "Time from SYN_SENT to ESTABLISHED, one per active "
            "open.", (), lambda c: c.handshake),
     Family("tcpstate_connection_duration_seconds", "histogram", "Time from ESTABLISHED until the socket closes or "
