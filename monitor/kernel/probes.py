@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import platform
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -120,6 +121,29 @@ def compiler_output():
             os.close(saved)
 
 
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$')
+
+
+def bcc_source(path: Path, _seen: set | None = None) -> str:
+    """path's text with the headers it includes from its own folder spliced in, recursively, each
+    once (as their include guards have it), and #line markers so that compiler messages name the
+    real file and line. bcc rewrites map calls (socks.lookup() and the like) only in the text it
+    is given: left in an included header they compile to calls through a null pointer."""
+    seen = set() if _seen is None else _seen
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        m = _LOCAL_INCLUDE.match(line)
+        header = path.parent / m.group(1) if m else None
+        if header is None or not header.is_file():
+            out.append(line)
+        elif header.resolve() not in seen:
+            seen.add(header.resolve())
+            out += [f'#line 1 "{header}"', bcc_source(header, seen).rstrip("\n"), f'#line {n + 1} "{path}"']
+        else:
+            out.append(f"/* {line.strip()}: spliced above */")
+    return "\n".join(out) + "\n"
+
+
 # Programs bcc does not attach by itself (probes.attach), by tracepoint name.
 MANUAL_PROGRAMS = {"kfree_skb": "tcpstate_kfree_skb"}
 
@@ -183,7 +207,7 @@ class Probes:
         # of those few microseconds through.
         with compiler_output() as output:
             try:
-                self.bpf = BPF(src_file=str(src).encode(), cflags=self.cflags())
+                self.bpf = BPF(text=bcc_source(src).encode(), cflags=self.cflags())
                 for group, name, _ in TRACEPOINTS:
                     if name in MANUAL_PROGRAMS and self.layout.used(name):
                         self.bpf.attach_tracepoint(tp=f"{group}:{name}".encode(),

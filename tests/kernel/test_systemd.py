@@ -56,6 +56,8 @@ def test_install_puts_the_daemon_unit_and_defaults_in_place(install):
                            cwd="/", capture_output=True, text=True, check=True).stdout.split()
     assert where[0].startswith(f"{prefix}/lib/") and where[1].startswith(f"{prefix}/lib/")
     assert (Path(where[1]) / "tcpstate.c").read_text() == (ROOT / "bpf/tcpstate.c").read_text()
+    for src in (ROOT / "bpf").iterdir():  # and the headers it includes
+        assert (Path(where[1]) / src.name).read_text() == src.read_text(), src.name
     version = subprocess.run([prefix / "bin/tcpstate", "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.startswith("tcpstate, version ")
 

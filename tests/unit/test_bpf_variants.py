@@ -17,7 +17,7 @@ import textwrap
 import pytest
 
 from monitor.kernel.abi import bpf_dir
-from monitor.kernel.probes import Probes
+from monitor.kernel.probes import Probes, bcc_source
 from monitor.kernel.tracefs import parse_format
 from monitor.settings import Filters
 
@@ -100,3 +100,35 @@ def test_every_variant_compiles_against_every_kernels_formats(shims, tmp_path, k
            str(bpf_dir() / "tcpstate.c")]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, f"{' '.join(p.cflags())}\n{res.stderr}"
+
+
+def gcc_preprocessed(shims, kernel, cflags, src) -> str:
+    cmd = ["gcc", "-E", "-P", "-std=gnu11", f"-I{shims}", "-include", str(shims / f"shim-{kernel}.h"), *cflags, str(src)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return " ".join(res.stdout.split())
+
+
+@pytest.mark.parametrize("kernel,btf", list(itertools.product(KERNELS, (True, False))))
+def test_bcc_gets_the_program_gcc_builds_from_the_files(shims, tmp_path, kernel, btf):
+    """bcc rewrites map calls only in the text it is handed, so probes.bcc_source splices bpf/'s
+    headers into tcpstate.c: once preprocessed, that text is the program the files make."""
+    p = Probes(layout_of(tmp_path, kernel, btf), FILTERS["all"], emit_events=True, recent_closes=65536,
+               max_offenders=4096)
+    text = bcc_source(bpf_dir() / "tcpstate.c")
+    assert not re.search(r'^\s*#\s*include\s+"', text, re.M), "a local header was left to bcc"
+    spliced = tmp_path / "spliced.c"
+    spliced.write_text(text)
+    assert (gcc_preprocessed(shims, kernel, p.cflags(), spliced)
+            == gcc_preprocessed(shims, kernel, p.cflags(), bpf_dir() / "tcpstate.c"))
+
+
+MAP_CALL = re.compile(r"\.\s*(lookup|update|insert|delete|ringbuf_reserve|ringbuf_submit)\s*\(")
+
+
+def test_no_map_call_is_spelled_inside_a_macro():
+    """bcc refuses a map call written in a macro ("cannot use map function inside a macro"), and the
+    shim cannot tell: each #define of bpf/ (continuation lines included) is checked here."""
+    for path in sorted(bpf_dir().glob("*.[ch]")):
+        for define in re.findall(r"^[ \t]*#[ \t]*define\b(?:[^\n]*\\\n)*[^\n]*", path.read_text(), re.M):
+            assert not MAP_CALL.search(define), f"{path.name}: {define.splitlines()[0]}"

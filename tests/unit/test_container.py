@@ -279,6 +279,7 @@ def test_wheel_as_the_build_stage_makes_it(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"monitor/bpf/tcpstate.c", "monitor/bpf/tcpstate.h", "monitor/bpf/tcpstate_logic.h", "monitor/cli.py",
             "monitor/serve/web/page.js"} <= names
+    assert {f"monitor/bpf/{p.name}" for p in (ROOT / "bpf").iterdir()} <= names  # every header tcpstate.c includes
     (counter,) = [n for n in names if n.startswith("monitor/sockets/_tally.") and n.endswith(".so")]
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
