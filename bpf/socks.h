@@ -9,6 +9,38 @@
 
 BPF_TABLE("lru_hash", __u64, struct tcpstate_sock, socks, TCPSTATE_MAX_SOCKS);
 
+/* A hash-table lookup costs more than everything else a transition does. Where the kernel's BTF
+ * lets a reset read the socket's state from the socket, the table is needed only where a count
+ * uses the socket's record: where it starts (SYN_SENT, SYN_RECV, LISTEN), ESTABLISHED (the
+ * handshake) and CLOSE (the lifetime, the close's cause). The watch stream reports the time spent
+ * in every state, so it still tracks them all. */
+#if defined(TCPSTATE_SKC_STATE_AT) && !defined(TCPSTATE_EMIT_EVENTS)
+#define TCPSTATE_TRACK_FEW 1
+#endif
+
+static __always_inline int needs_socket_record(__u8 newstate)
+{
+#ifdef TCPSTATE_TRACK_FEW
+	return newstate == TCPSTATE_TCP_SYN_SENT || newstate == TCPSTATE_TCP_SYN_RECV ||
+	       newstate == TCPSTATE_TCP_LISTEN || newstate == TCPSTATE_TCP_ESTABLISHED ||
+	       newstate == TCPSTATE_TCP_CLOSE;
+#else
+	return 1;
+#endif
+}
+
+/* The socket's state now: read from the socket where BTF gives the offset, else the one we last
+ * saw it enter; -1 when neither is known (a socket we do not track). */
+static __always_inline int socket_state_now(__u64 skaddr, struct tcpstate_sock *s)
+{
+#ifdef TCPSTATE_SKC_STATE_AT
+	__u8 state = 0;
+	if (skaddr && bpf_probe_read_kernel(&state, sizeof(state), (void *)(skaddr + TCPSTATE_SKC_STATE_AT)) == 0)
+		return state;
+#endif
+	return s ? s->state : -1;
+}
+
 /* Our record of the socket; a new one where a connection or listener starts (the only
  * transitions whose start we see whole), none for sockets already open when we attached. */
 static __always_inline struct tcpstate_sock *track_socket(__u64 skaddr, __u8 oldstate, __u8 newstate, __u64 now)

@@ -17,6 +17,9 @@
  *   TCPSTATE_SEND_RESET_SKB_FLAGS     with TCPSTATE_SKB_*_AT: the flags of the segment tcp_send_reset
  *                                     answers for no socket (a refused SYN, for port reuse)
  *   TCPSTATE_SEGS_OUT_AT              byte offset of tcp_sock.segs_out (BTF): the SYNs a failed connect sent
+ *   TCPSTATE_SKC_STATE_AT             byte offset of sock_common.skc_state (BTF): a reset's state read
+ *                                     from the socket, so the socket table is touched only where a
+ *                                     count needs it (socks.h, TCPSTATE_TRACK_FEW)
  *   TCPSTATE_RETRANSMIT_SKB_HAS_FAMILY / _HAS_ERR, TCPSTATE_RETRANSMIT_SYNACK_HAS_FAMILY
  *   TCPSTATE_FILTER_INCLUDE_CIDR / _EXCLUDE_CIDR / _PORTS
  *   TCPSTATE_EMIT_EVENTS              feed the watch ring buffer
@@ -91,6 +94,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	if (closes || role >= 0)
 		TCPSTATE_FLOW_FROM_FIELDS(&f, args);
 #endif
+	if (!needs_socket_record(newstate)) {  /* between two states of an open connection */
+		COUNT(transitions, oldstate * TCPSTATE_NSTATES + newstate);
+		return 0;
+	}
 	__u64 now = bpf_ktime_get_ns();
 
 	struct tcpstate_sock *s = track_socket(skaddr, oldstate, newstate, now);
@@ -143,11 +150,12 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 	struct tcpstate_sock *s = NULL;
 	if (skaddr)
 		s = socks.lookup(&skaddr);
-	__u8 state = tcpstate_reset_state(skaddr != 0, tp_state, s != NULL, s ? s->state : 0,
+	int now_in = socket_state_now(skaddr, s);
+	__u8 state = tcpstate_reset_state(skaddr != 0, tp_state, now_in >= 0, now_in >= 0 ? now_in : 0,
 					  s ? s->prev_state : 0);
 	/* A socket that sends a reset before it closes (keepalive or FIN_WAIT2 timeout)
 	 * is not entering TIME_WAIT; one that closed just before its reset was aborted. */
-	if (s && s->state != TCPSTATE_TCP_CLOSE)
+	if (s && now_in != TCPSTATE_TCP_CLOSE)
 		s->flags |= TCPSTATE_SOCK_RESET_SEEN;
 	if (s && (s->flags & TCPSTATE_SOCK_CLOSE_PENDING))
 		settle_waiting_close(args, &f, skaddr, s, TCPSTATE_TCP_CLOSE);
@@ -180,11 +188,10 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 	__u64 skaddr = (__u64)args->skaddr;
 
 	struct tcpstate_sock *s = socks.lookup(&skaddr);
-	__u8 state = TCPSTATE_STATE_UNKNOWN;
-	if (s) {
-		state = tcpstate_clamp_state(s->state);
+	int now_in = socket_state_now(skaddr, s);  /* the kernel reports it before it acts on it */
+	__u8 state = now_in >= 0 ? tcpstate_clamp_state(now_in) : TCPSTATE_STATE_UNKNOWN;
+	if (s)
 		s->flags |= TCPSTATE_SOCK_RESET_SEEN;
-	}
 	count_reset(TCPSTATE_DIR_RECEIVED, state, TCPSTATE_REASON_UNKNOWN);
 	__u64 now = bpf_ktime_get_ns();
 	count_offender(&f, TCPSTATE_OFF_RESET_RECEIVED, 1, s, now);

@@ -48,6 +48,7 @@ BTF_OFFSETS = {
     "TCPSTATE_SKB_NETWORK_HEADER_AT": "sk_buff.network_header",
     "TCPSTATE_SKB_TRANSPORT_HEADER_AT": "sk_buff.transport_header",
     "TCPSTATE_SEGS_OUT_AT": "tcp_sock.segs_out",
+    "TCPSTATE_SKC_STATE_AT": "sock_common.skc_state",
 }
 _SKB_OFFSETS = ("TCPSTATE_SKB_HEAD_AT", "TCPSTATE_SKB_NETWORK_HEADER_AT", "TCPSTATE_SKB_TRANSPORT_HEADER_AT")
 NO_SOCKET_REASON = 1  # TCPSTATE_REASON_NO_SOCKET
@@ -196,6 +197,14 @@ class Layout:
         return "TCPSTATE_SK_ERR_AT" in self.offsets and self.usable("tcp_destroy_sock")
 
     @property
+    def lean_socket_table(self) -> bool:
+        """The socket table is touched only where a count needs the socket's record (opens,
+        ESTABLISHED, CLOSE, resets, destruction): a reset's state is read from the socket itself.
+        The watch stream, which reports the time spent in every state, still tracks every
+        transition."""
+        return "TCPSTATE_SKC_STATE_AT" in self.offsets
+
+    @property
     def nosock_resets_from_kfree_skb(self) -> bool:
         """Before 6.10 tcp_send_reset does not report a reset sent where no socket matched; the
         segment that caused it is then freed with drop reason NO_SOCKET (>= 5.17)."""
@@ -310,6 +319,11 @@ class Layout:
             Signal("socket-table frees", "tcp:tcp_destroy_sock" if self.usable("tcp_destroy_sock") else None,
                    "socket-table slots are freed by LRU eviction only; an abort from FIN_WAIT2/CLOSING counts "
                    "as TIME_WAIT"),
+            Signal("reset states",
+                   f"sock_common.skc_state (offset {self.offsets['TCPSTATE_SKC_STATE_AT']} from BTF)"
+                   if self.lean_socket_table else None,
+                   "counted from the state tcpstate last saw the socket enter (UNKNOWN for a socket opened before "
+                   f"it started), so the socket table is looked up at every transition ({self.btf_problem})"),
             Signal("retransmissions", retransmit,
                    "retransmitted segments are not counted, SYNs (syn_retransmits, role client) included"),
             Signal("SYN-ACK retransmissions",
@@ -344,6 +358,8 @@ class Layout:
             flags.append(f"-DTCPSTATE_SK_ERR_AT={self.offsets['TCPSTATE_SK_ERR_AT']}")
         if "TCPSTATE_SEGS_OUT_AT" in self.offsets:
             flags.append(f"-DTCPSTATE_SEGS_OUT_AT={self.offsets['TCPSTATE_SEGS_OUT_AT']}")
+        if self.lean_socket_table:
+            flags.append(f"-DTCPSTATE_SKC_STATE_AT={self.offsets['TCPSTATE_SKC_STATE_AT']}")
         if self.refused_syn_flags_from_send_reset:
             flags.append("-DTCPSTATE_SEND_RESET_SKB_FLAGS")
             flags += [f"-D{k}={self.offsets[k]}" for k in _SKB_OFFSETS]

@@ -2,7 +2,8 @@
 # overhead.sh: loopback-churn throughput with and without `tcpstate run` attached, alternating, in one run.
 # Usage: sudo tests/load/overhead.sh [SECONDS_PER_RUN] [ROUNDS]   (needs `make setup` first)
 # TCPSTATE_ARGS adds flags to `tcpstate run` (e.g. "--recent-closes 0 --max-offenders 0").
-# kernel.bpf_stats_enabled is 1 during the monitored runs (restored after) for the ns per program run.
+# kernel.bpf_stats_enabled is 1 during the monitored runs (restored after): each round prints every
+# program's ns per run and runs per connection, and their mean over all programs.
 # Traffic stays between two namespaces it creates on 198.19.0.0/24; every run is bounded in time.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -41,15 +42,20 @@ for ((i = 1; i <= rounds; i++)); do
     sleep 2
     after=$(metric 'tcpstate_connections_opened_total{direction="active"}')
     lost=$(metric tcpstate_events_lost_total)
-    run_s=$(metric 'tcpstate_probe_run_seconds_total{tracepoint="sock:inet_sock_set_state"}')
-    runs=$(metric 'tcpstate_probe_runs_total{tracepoint="sock:inet_sock_set_state"}')
+    programs=$(curl -s "127.0.0.1:$port/metrics" | awk -v made="${out#made=}" '
+        # ns per run and runs per connection of each program: where the time goes
+        /^tcpstate_probe_run_seconds_total/ { split($1, a, "\""); s[a[2]] = $2 }
+        /^tcpstate_probe_runs_total/ { split($1, a, "\""); n[a[2]] = $2 }
+        END { split(made, m, " "); for (tp in n) if (n[tp] > 0) { ns += s[tp]; runs += n[tp]
+                  printf "  %-28s %7.0f ns/run %6.2f runs/conn\n", tp, s[tp] * 1e9 / n[tp], n[tp] / m[1] }
+              if (runs > 0) printf "  %-28s %7.0f ns/run %6.2f runs/conn\n", "all programs", ns * 1e9 / runs, runs / m[1] }')
     sysctl -qw kernel.bpf_stats_enabled="$stats_was"
     kill "$daemon"; wait "$daemon" || true; daemon=
     made=${out#made=}; made=${made%% *}
     mon+=("${out##*rate=}")
-    printf 'round %d: no monitor %s/s, tcpstate %s/s; made %s, counted active opens %.0f, events lost %s, set_state %.0f ns/run\n' \
+    printf 'round %d: no monitor %s/s, tcpstate %s/s; made %s, counted active opens %.0f, events lost %s\n%s\n' \
         "$i" "${base[-1]}" "${mon[-1]}" "$made" "$(awk -v a="$after" -v b="$before" 'BEGIN {print a - b}')" "$lost" \
-        "$(awk -v s="$run_s" -v n="$runs" 'BEGIN {print (n > 0 ? s * 1e9 / n : 0)}')"
+        "$programs"
     sleep 1
 done
 python3 - "${base[*]}" "${mon[*]}" <<'PY'

@@ -208,7 +208,7 @@ tcpstate_probe_run_seconds_total{tracepoint="tcp:tcp_send_reset"} 0.0
 # TYPE tcpstate_probe_runs_total counter
 tcpstate_probe_runs_total{tracepoint="sock:inet_sock_set_state"} 100.0
 tcpstate_probe_runs_total{tracepoint="tcp:tcp_send_reset"} 0.0
-# HELP tcpstate_untracked_transitions_total Transitions of sockets not in the socket table (opened before tcpstate started, or evicted); their durations are not observed.
+# HELP tcpstate_untracked_transitions_total Transitions of sockets not in the socket table (opened before tcpstate started, or evicted) among those that look it up: every one, or where BTF gives the socket's state only those into SYN_SENT, SYN_RECV, LISTEN, ESTABLISHED and CLOSE; their durations are not observed.
 # TYPE tcpstate_untracked_transitions_total counter
 tcpstate_untracked_transitions_total 5.0
 # HELP tcpstate_socket_table_capacity Sockets the in-kernel per-socket table holds (--max-sockets).

@@ -13,7 +13,7 @@ ROWS = {  # table row -> the Signal it describes
     "resets received": "resets received", "failed-connect causes": "failed-connect causes",
     "socket-table frees": "socket-table frees", "retransmissions": "retransmissions",
     "SYN-ACK retransmissions": "SYN-ACK retransmissions", "SYNs of failed connects": "SYNs of failed connects",
-    "port reuse of refused SYNs": "port reuse of refused SYNs",
+    "port reuse of refused SYNs": "port reuse of refused SYNs", "reset states": "reset states",
 }
 FAMILY_ROWS = {"resets sent": "tcp_send_reset", "resets received": "tcp_receive_reset",
                "socket-table frees": "tcp_destroy_sock", "retransmissions": "tcp_retransmit_skb",

@@ -122,7 +122,7 @@ def test_kernel_info_from_the_layout_and_the_probes(tmp_path):
     assert signals["transitions"] == {"name": "transitions", "source": "sock:inet_sock_set_state", "missing": None}
     nosock = signals["resets sent for no socket"]
     assert nosock["source"] is None and "not counted" in nosock["missing"]  # what the page shows as degraded
-    assert len(signals) == 10
+    assert len(signals) == 11
 
 
 # --- the README's schema ---------------------------------------------------------------------------

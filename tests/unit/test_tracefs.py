@@ -19,7 +19,7 @@ from monitor.kernel.tracefs import (
 DATA = Path(__file__).parent / "data" / "kernels"
 KERNELS = ("5.10", "6.1", "6.12", "6.18")
 GROUPS = {"inet_sock_set_state": "sock", "inet_sk_error_report": "sock", "kfree_skb": "skb"}
-FAKE_OFFSETS = dict(zip(BTF_OFFSETS, (284, 192, 180, 178, 1536)))  # what a kernel's BTF gives (6.18's values)
+FAKE_OFFSETS = dict(zip(BTF_OFFSETS, (284, 192, 180, 178, 1536, 18)))  # what a kernel's BTF gives (6.18's values)
 
 
 def kernel_tracefs(tmp_path: Path, kernel: str, skip: tuple = ()) -> str:
@@ -110,6 +110,7 @@ def test_cflags_of_5_10(tmp_path):
         "-DTCPSTATE_HAVE_TCP_SEND_RESET", "-DTCPSTATE_HAVE_TCP_RECEIVE_RESET", "-DTCPSTATE_HAVE_TCP_DESTROY_SOCK",
         "-DTCPSTATE_HAVE_TCP_RETRANSMIT_SKB", "-DTCPSTATE_HAVE_TCP_RETRANSMIT_SYNACK",
         "-DTCPSTATE_SEND_RESET_HAS_STATE", "-DTCPSTATE_SK_ERR_AT=284", "-DTCPSTATE_SEGS_OUT_AT=1536",
+        "-DTCPSTATE_SKC_STATE_AT=18",
     ]
     assert layout.probe_states() == {"sock:inet_sock_set_state": True, "tcp:tcp_send_reset": True,
                                      "tcp:tcp_receive_reset": True, "tcp:tcp_destroy_sock": True,
@@ -132,7 +133,8 @@ def test_cflags_of_6_1(tmp_path):
         "-DTCPSTATE_SEND_RESET_HAS_FAMILY", "-DTCPSTATE_SEND_RESET_HAS_STATE",
         "-DTCPSTATE_RECEIVE_RESET_HAS_FAMILY", "-DTCPSTATE_DESTROY_SOCK_HAS_FAMILY",
         "-DTCPSTATE_RETRANSMIT_SKB_HAS_FAMILY", "-DTCPSTATE_RETRANSMIT_SYNACK_HAS_FAMILY", "-DTCPSTATE_SK_ERR_AT=284",
-        "-DTCPSTATE_SEGS_OUT_AT=1536", "-DTCPSTATE_NOSOCK_RESETS_FROM_KFREE_SKB", f"-DTCPSTATE_KFREE_SKB_SKBADDR_AT={kfree['skbaddr'].offset}",
+        "-DTCPSTATE_SEGS_OUT_AT=1536", "-DTCPSTATE_SKC_STATE_AT=18",
+        "-DTCPSTATE_NOSOCK_RESETS_FROM_KFREE_SKB", f"-DTCPSTATE_KFREE_SKB_SKBADDR_AT={kfree['skbaddr'].offset}",
         f"-DTCPSTATE_KFREE_SKB_REASON_AT={kfree['reason'].offset}", f"-DTCPSTATE_DROP_NO_SOCKET={no_socket}",
         "-DTCPSTATE_SKB_HEAD_AT=192", "-DTCPSTATE_SKB_NETWORK_HEADER_AT=180", "-DTCPSTATE_SKB_TRANSPORT_HEADER_AT=178",
     ]
@@ -151,7 +153,7 @@ def test_cflags_of_6_18(tmp_path):
         "-DTCPSTATE_RECEIVE_RESET_HAS_FAMILY", "-DTCPSTATE_DESTROY_SOCK_HAS_FAMILY",
         "-DTCPSTATE_RETRANSMIT_SKB_HAS_FAMILY", "-DTCPSTATE_RETRANSMIT_SYNACK_HAS_FAMILY",
         "-DTCPSTATE_RETRANSMIT_SKB_HAS_ERR", "-DTCPSTATE_SK_ERR_AT=284", "-DTCPSTATE_SEGS_OUT_AT=1536",
-        "-DTCPSTATE_SEND_RESET_SKB_FLAGS", "-DTCPSTATE_SKB_HEAD_AT=192", "-DTCPSTATE_SKB_NETWORK_HEADER_AT=180",
+        "-DTCPSTATE_SKC_STATE_AT=18", "-DTCPSTATE_SEND_RESET_SKB_FLAGS", "-DTCPSTATE_SKB_HEAD_AT=192", "-DTCPSTATE_SKB_NETWORK_HEADER_AT=180",
         "-DTCPSTATE_SKB_TRANSPORT_HEADER_AT=178",
     ]
     assert "skb:kfree_skb" not in layout.probe_states()  # tcp_send_reset reports resets for no socket itself

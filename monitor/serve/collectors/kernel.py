@@ -69,7 +69,9 @@ COUNTS = (
     Family("tcpstate_probe_runs", "counter", "Runs of the tracepoint program (0 unless kernel.bpf_stats_enabled=1).",
            ("tracepoint",), _programs(1)),
     Family("tcpstate_untracked_transitions", "counter", "Transitions of sockets not in the socket table (opened "
-           "before tcpstate started, or evicted); their durations are not observed.", (),
+           "before tcpstate started, or evicted) among those that look it up: every one, or where BTF gives the "
+           "socket's state only those into SYN_SENT, SYN_RECV, LISTEN, ESTABLISHED and CLOSE; their durations are "
+           "not observed.", (),
            lambda c: one(c.untracked_transitions)),
 )
 
