@@ -2,8 +2,14 @@
 
 import subprocess
 
+import pytest
+
 from . import traffic
 from .pace import SLOWDOWN, seconds
+
+# Load: the full churn is what the emulated guests of make test-kernels cannot make (10-20 times
+# slower), and what it checks of the kernel (every transition counted) test_counts checks there.
+pytestmark = pytest.mark.host_only
 
 SECONDS = 3
 

@@ -16,6 +16,11 @@ from .daemon import TEST_CIDR, Daemon
 from .pace import SLOWDOWN, seconds
 from .test_daemon import TCPSTATE
 
+# Faults under load (3000 held sockets against a 1024-entry table, the watch stream under full
+# churn) and the reload path: too heavy for the emulated guests of make test-kernels, and what
+# they check of the kernel (exact counts, the socket table's frees) test_counts checks there.
+pytestmark = pytest.mark.host_only
+
 
 def value(s: dict, name: str, **labels) -> float:
     return s.get((name, tuple(sorted(labels.items()))), 0)
@@ -166,7 +171,6 @@ def test_sighup_reloads_the_config_and_a_bad_one_keeps_the_old(netns, tmp_path):
     assert d.proc.returncode == 0, d.log()
 
 
-@pytest.mark.host_only  # no kernel in it: the config path and bcc's own memory
 def test_sighup_without_a_config_file_changes_nothing(netns, tmp_path):
     with Daemon(tmp_path) as d:
         d.proc.send_signal(signal.SIGHUP)
@@ -272,7 +276,6 @@ def test_watch_under_full_churn_reports_its_loss_and_the_daemon_counts_on(netns,
 RSS_TARGET_KB = 100 * 1024  # issue #6's target for the daemon's resident memory
 
 
-@pytest.mark.host_only  # no kernel in it: the config path and bcc's own memory
 def test_the_compilers_memory_is_given_back_after_attaching(tmp_path):
     """bcc's compile leaves about 150 MB resident (LLVM's code, freed heap); the daemon hands it back."""
     with Daemon(tmp_path) as d:
