@@ -128,18 +128,35 @@ def status(path: str = "/proc/self/status") -> dict:
     return out
 
 
-def can_load_programs() -> tuple[bool, str]:
-    """Root, or the capabilities BPF tracepoints need (CAP_BPF+CAP_PERFMON, or CAP_SYS_ADMIN),
-    and why not."""
-    if os.geteuid() == 0:
-        return True, "running as root"
+PERF_EVENT_PARANOID = "/proc/sys/kernel/perf_event_paranoid"
+
+
+def can_load_programs(proc_status: str = "/proc/self/status", paranoid_path: str = PERF_EVENT_PARANOID
+                      ) -> tuple[bool, str]:
+    """The capabilities BPF tracepoints need (CAP_BPF+CAP_PERFMON, or CAP_SYS_ADMIN), and why not.
+    Attaching a tracepoint opens a perf event: where kernel.perf_event_paranoid is above 2 (Debian's
+    and Ubuntu's kernels, CONFIG_SECURITY_PERF_EVENTS_RESTRICT), that takes CAP_SYS_ADMIN, and uid 0
+    without it (a systemd unit's bounding set) fails there, with EACCES."""
     try:
-        eff = status()["CapEff"]
+        eff = status(proc_status)["CapEff"]
     except (OSError, KeyError):
         eff = 0
-    if eff >> CAP_SYS_ADMIN & 1 or (eff >> CAP_PERFMON & 1 and eff >> CAP_BPF & 1):
-        return True, "has the capabilities to load BPF tracepoint programs"
-    return False, "not root and lacks CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN): run with sudo"
+    try:
+        with open(paranoid_path) as f:
+            paranoid = int(f.read())
+    except (OSError, ValueError):
+        paranoid = 2
+    root = os.geteuid() == 0
+    if eff >> CAP_SYS_ADMIN & 1:
+        return True, "running as root" if root else "has CAP_SYS_ADMIN"
+    if paranoid > 2:
+        return False, (f"kernel.perf_event_paranoid is {paranoid}: this kernel lets only CAP_SYS_ADMIN open the perf "
+                       "events that attach tracepoints; grant it (tcpstate drops it once attached) or set "
+                       "kernel.perf_event_paranoid=2")
+    if eff >> CAP_PERFMON & 1 and eff >> CAP_BPF & 1:
+        return True, "running as root with CAP_BPF and CAP_PERFMON" if root else \
+            "has CAP_BPF and CAP_PERFMON to load and attach BPF tracepoint programs"
+    return False, "lacks CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN): run with sudo"
 
 
 def describe(caps: Iterable[int]) -> str:

@@ -69,9 +69,10 @@ def test_systemd_analyze_accepts_the_unit_and_rates_its_sandbox(install):
                               capture_output=True, text=True)
     assert security.returncode == 0, security.stderr
     exposure = float(re.search(r"Overall exposure level for tcpstate.service: ([\d.]+)", security.stdout).group(1))
-    # 2.8 when this was written (0 is best, 10 worst; systemd calls up to 3.9 "OK"); a higher
-    # number means a setting was loosened.
-    assert exposure <= 2.8, security.stdout
+    # 0 is best, 10 worst; systemd calls up to 3.9 "OK". 2.8 until CAP_SYS_ADMIN joined the
+    # bounding set (Debian's kernels open perf events only with it; dropped once attached), 3.1
+    # since; a higher number means another setting was loosened.
+    assert exposure <= 3.1, security.stdout
 
 
 @pytest.fixture
