@@ -175,6 +175,9 @@ class Result:
     wall_seconds: float = 0.0
     status: int | None = None  # the guest script's exit status; None: it never reported one
     failures: list[str] = field(default_factory=list)
+    # The end of each failure's traceback: the output directory is overwritten by the next run,
+    # so the report (CI's log) has to carry what failed and why.
+    tracebacks: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -185,12 +188,15 @@ def read_junit(path: Path, result: Result) -> None:
     root = ET.parse(path).getroot()
     for case in root.iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
-        if case.find("failure") is not None:
+        failure, error = case.find("failure"), case.find("error")
+        if failure is not None:
             result.failed += 1
             result.failures.append(name)
-        elif case.find("error") is not None:
+            result.tracebacks[name] = failure.text or failure.get("message", "")
+        elif error is not None:
             result.errors += 1
             result.failures.append(name)
+            result.tracebacks[name] = error.text or error.get("message", "")
         elif case.find("skipped") is not None:
             result.skipped += 1
             result.failures.append(name + " (skipped)")
@@ -280,6 +286,9 @@ def host_formats(into: Path) -> Path:
     return into
 
 
+TRACEBACK_LINES = 25
+
+
 def report(results: list[Result], out_root: Path) -> str:
     rows = ["| kernel | release | passed | failed | skipped | boot s | compile s | wall s | result |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -292,6 +301,8 @@ def report(results: list[Result], out_root: Path) -> str:
     for r in results:
         for f in r.failures:
             lines.append(f"{r.kernel.name}: {f}")
+            tail = r.tracebacks.get(f, "").rstrip().splitlines()[-TRACEBACK_LINES:]
+            lines.extend(f"    {t}" for t in tail)
         if not r.ok:
             lines.append(f"{r.kernel.name}: guest output in {out_root / r.kernel.name}/ (pytest.log, console.log)")
     return "\n".join(lines)
