@@ -8,7 +8,7 @@ ARGS ?=
 MAKE_START := $(shell date +%s)
 
 .PHONY: setup setup-test host host-test host-vm run test lint unit kernel check bench bench-state clean install uninstall \
-	image test-kernels test-kernels-signals test-fresh screenshot
+	image test-kernels test-kernels-signals test-fresh screenshot bench-tables
 
 # sudo make ...: what root made in the clone (.venv, tcpstate.egg-info, the C counter, caches) goes back to
 # the clone's owner, the user who ran sudo, so that their own git clean or rebuild works. A clone
@@ -101,6 +101,11 @@ test-fresh: host-vm
 BENCH_ARGS ?=
 bench: setup-test
 	$(VENV)/bin/python tests/load/bench.py $(BENCH_ARGS)
+
+# What each in-kernel table costs per program run: tests/load/overhead.sh with one table off (or
+# resized) at a time, the variants alternating (root; namespaces; about 3 minutes).
+bench-tables: setup-test
+	$(VENV)/bin/python tests/load/table_costs.py $(TABLES_ARGS)
 
 # CPU time of a socket-table poll at 1k, 10k and 130k TIME_WAIT sockets (root; namespaces).
 bench-state: setup-test
