@@ -210,8 +210,10 @@ def test_systemd_analyze_security():
     (OUT / "systemd-analyze-security.txt").write_text(done.stdout)
     exposure = float(re.search(r"Overall exposure level for tcpstate.service: ([\d.]+)", done.stdout).group(1))
     fact("exposure", exposure)
-    # 2.8 offline when the unit was written (0 best, 10 worst); higher means a setting was loosened.
-    assert exposure <= 2.8, done.stdout
+    # 0 best, 10 worst; higher means a setting was loosened. test_systemd's bound, offline on the
+    # host: 2.8 until CAP_SYS_ADMIN joined the bounding set (Debian's kernels attach tracepoints
+    # only with it), 3.1 since; Debian 12's systemd 252 rates the same unit 2.9 here.
+    assert exposure <= 3.1, done.stdout
 
 
 def test_uninstall_leaves_nothing_behind():
@@ -219,6 +221,7 @@ def test_uninstall_leaves_nothing_behind():
     DROPIN.parent.rmdir()
     CONFIG.unlink()
     CONFIG.parent.rmdir()
+    run("systemctl", "daemon-reload")  # else systemd still starts it with the drop-in's --config
     run("systemctl", "start", UNIT)  # uninstall has to stop a running unit
     pid = int(show("MainPID"))
     held = programs_of(pid)

@@ -25,7 +25,7 @@ NOT_APPLIED = {
     "Type": "the test reads NOTIFY_SOCKET itself",
     "NotifyAccess": "only the main process exists",
     "Restart": "the test restarts nothing", "RestartSec": "the test restarts nothing",
-    "ExecReload": "test_faults sends SIGHUP itself",
+    "ExecReload": "test_faults sends SIGHUP itself (make test-fresh reloads under the real systemd)",
     "TimeoutStartSec": "the test has its own deadline", "TimeoutStopSec": "the test has its own deadline",
     "LogsDirectory": "the test writes events to stdout", "LogsDirectoryMode": "as LogsDirectory",
     "RestrictRealtime": "the daemon sets no scheduling policy",
