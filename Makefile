@@ -103,7 +103,9 @@ bench: setup-test
 	$(VENV)/bin/python tests/load/bench.py $(BENCH_ARGS)
 
 # What each in-kernel table costs per program run: tests/load/overhead.sh with one table off (or
-# resized) at a time, the variants alternating (root; namespaces; about 3 minutes).
+# resized) at a time, the variants alternating (root; namespaces; about 2.5 minutes with
+# TABLES_ARGS="--seconds 4 --rounds 2", about 4-5 with the defaults).
+TABLES_ARGS ?=
 bench-tables: setup-test
 	$(VENV)/bin/python tests/load/table_costs.py $(TABLES_ARGS)
 

@@ -155,6 +155,14 @@ def test_reload_rereads_the_config_and_a_bad_file_keeps_the_old_one():
     bad = metric("tcpstate_config_reloads_total", 'result="failure"')
     since = time.time() - 1
     CONFIG.write_text("[rst_storm]\nrate = 300\n")
+    try:
+        reload_and_refuse(since, ok, bad, pid)
+    finally:
+        # The next test's restart reads the file afresh, and a bad one stops a start (exit 2).
+        CONFIG.write_text("[rst_storm]\nrate = 300\n")
+
+
+def reload_and_refuse(since: float, ok: float, bad: float, pid: str) -> None:
     run("systemctl", "reload", UNIT)
     wait_for("a successful reload", lambda: metric("tcpstate_config_reloads_total", 'result="success"') == ok + 1, 10)
     wait_for("the reload in the journal",
@@ -170,8 +178,6 @@ def test_reload_rereads_the_config_and_a_bad_file_keeps_the_old_one():
     fact("reload_refused", line.group(0))
     assert show("MainPID") == pid and run("systemctl", "is-active", UNIT).stdout.strip() == "active"
     assert get("/-/ready") == 200
-    # The next test's restart reads the file afresh, and a bad one stops a start (exit 2).
-    CONFIG.write_text("[rst_storm]\nrate = 300\n")
 
 
 def test_a_killed_daemon_is_restarted_and_leaves_no_program():

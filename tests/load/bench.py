@@ -262,8 +262,8 @@ def summarize(windows: list) -> dict:
             "background_cpu": _median([w.get("background_cpu") for w in ws]),
             "resets": sum(w.get("resets") or 0 for w in ws),
         }
-        if config == "floor":
-            s["lost"] = sum(w.get("lost") or 0 for w in ws)
+        if config == "floor":  # not measured in results from before the bench read it: None, not 0
+            s["lost"] = sum(w["lost"] for w in ws) if all("lost" in w for w in ws) else None
         if config not in ("none", "floor"):
             counted = [w.get("counted") for w in ws]
             s["counted"] = sum(c for c in counted if c is not None) if None not in counted else None

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """table_costs.py: what each in-kernel table costs per program run, by running tests/load/overhead.sh with it turned off.
 
-Usage: sudo tests/load/table_costs.py [--seconds 4] [--rounds 3]   (root; needs `make setup` first)
+Usage: sudo make bench-tables [TABLES_ARGS="--seconds 4 --rounds 3"], or
+sudo .venv/bin/python tests/load/table_costs.py (root; click comes from the project's .venv)
 
 Each round runs overhead.sh once per variant, in turn (the machine's noise drifts within a run, so
 the variants alternate rather than run one after another). A table's cost is the default's mean
@@ -70,7 +71,7 @@ def render(rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-@click.command(epilog="Example: sudo tests/load/table_costs.py --seconds 4 --rounds 3")
+@click.command(epilog="Example: sudo .venv/bin/python tests/load/table_costs.py --seconds 4 --rounds 2")
 @click.option("--seconds", default=4, show_default=True, help="Churn per run.")
 @click.option("--rounds", default=3, show_default=True, help="Rounds; each runs every variant once.")
 def main(seconds: int, rounds: int) -> None:
