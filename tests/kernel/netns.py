@@ -22,6 +22,14 @@ def ns_exec(ns: str, *cmd: str) -> str:
     return subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, capture_output=True, text=True).stdout
 
 
+def tcp_ext(ns: str, name: str) -> int:
+    """A TcpExt counter of a namespace (/proc/net/netstat): the kernel's own count, whose reading,
+    unlike a BPF map's, holds off no tracepoint program."""
+    rows = [line.split() for line in ns_exec(ns, "cat", "/proc/net/netstat").splitlines()
+            if line.startswith("TcpExt:")]
+    return int(dict(zip(rows[0][1:], rows[1][1:]))[name])
+
+
 def in_netns(name: str):
     """Switch this thread into a namespace; sockets made meanwhile stay in it (the daemon's own helper)."""
     return entered(netns_path(name))
