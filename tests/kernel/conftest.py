@@ -157,7 +157,9 @@ class Meter:
 
     def settle(self, expected_transitions: dict, timeout: float = 10.0) -> Delta:
         """Wait until the transitions reach what is expected (the last ACKs are asynchronous),
-        then a little longer so that any excess would show too."""
+        then a little longer so that any excess would show too. Each poll reads the maps, which
+        holds the per-CPU guard tracepoint programs share: transitions fired from a kernel timer
+        meanwhile are skipped, so wait for those on the kernel's own count first (tcp_ext)."""
         deadline = time.monotonic() + seconds(timeout)
         while time.monotonic() < deadline:
             if self.delta().transitions == expected_transitions:
