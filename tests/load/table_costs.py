@@ -31,6 +31,7 @@ VARIANTS = (
     ("no offenders table (--max-offenders 0)", "--max-offenders 0"),
     ("neither", "--recent-closes 0 --max-offenders 0"),
     ("socket table at 1024 (--max-sockets 1024)", "--max-sockets 1024"),
+    ("tracepoint records, not raw tracepoints (--no-raw-tracepoints)", "--no-raw-tracepoints"),
 )
 PROGRAM_LINE = re.compile(r"^\s+(\S.*?)\s+(\d+) ns/run\s+([\d.]+) runs/conn$", re.M)
 ROUND_LINE = re.compile(r"^round \d+: no monitor ([\d.]+)/s, tcpstate ([\d.]+)/s", re.M)

@@ -39,6 +39,8 @@ SHIM = textwrap.dedent("""
     #define BPF_RINGBUF_OUTPUT(n, pages) struct { void *(*ringbuf_reserve)(__u64); \\
                                                    void (*ringbuf_submit)(void *, __u64); } n
     #define TRACEPOINT_PROBE(group, name) int tracepoint__##group##__##name(struct tracepoint__##group##__##name *args)
+    struct bpf_raw_tracepoint_args { __u64 args[0]; };
+    #define RAW_TRACEPOINT_PROBE(name) int raw_tracepoint__##name(struct bpf_raw_tracepoint_args *ctx)
     #define BPF_F_NO_COMMON_LRU 2
     __u64 bpf_ktime_get_ns(void);
     __u64 bpf_get_current_pid_tgid(void);
