@@ -42,6 +42,7 @@
  *   reuse.h           port reuse (recent closes by 4-tuple)
  *   resets.h          resets by direction, state and reason; resets right after the handshake
  *   sockread.h        a socket's protocol and ends read from the socket, for the raw tracepoints
+ *   guard.h           one of these programs at a time per CPU (raw tracepoints do not nest-guard each other)
  * bcc rewrites map calls only in the file it compiles, so probes.py splices these headers into
  * tcpstate.c before handing it over (probes.bcc_source); gcc and bcc see the same text.
  */
@@ -68,6 +69,7 @@ enum sk_rst_reason { TCPSTATE_SK_RST_REASON_FIRST };
 #include "reuse.h"
 #include "resets.h"
 #include "sockread.h"
+#include "guard.h"
 
 /* A transition, from either entry point below. The tracepoint's record gives the two ends
  * (given); a raw tracepoint reads them from the socket (given NULL), and only where a step needs
@@ -111,8 +113,8 @@ static __always_inline int on_set_state(void *ctx, __u64 skaddr, __u8 oldstate, 
 	int waits = close_must_wait(s, newstate, counted);
 	if (!waits)
 		COUNT(transitions, oldstate * TCPSTATE_NSTATES + counted);
-	if (failed)
-		classify_connect_fail(skaddr, given ? given->sport : transition_sport(skaddr), s);
+	if (failed)  /* the flow was copied: role is the client's */
+		classify_connect_fail(skaddr, f.sport, s);
 	__u64 delta_us = record_transition(s, oldstate, newstate, now);
 	if (waits) {
 		s->flags |= TCPSTATE_SOCK_CLOSE_PENDING;
@@ -132,6 +134,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 	__u64 skaddr = ctx->args[0];
 	if (sock_protocol(skaddr) != TCPSTATE_IPPROTO_TCP)
 		return 0;
+	TCPSTATE_GUARD(TCPSTATE_PROG_INET_SOCK_SET_STATE);
 	return on_set_state(ctx, skaddr, tcpstate_clamp_state(ctx->args[1]), tcpstate_clamp_state(ctx->args[2]), NULL);
 }
 #else
@@ -139,6 +142,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
 	if (args->protocol != TCPSTATE_IPPROTO_TCP)
 		return 0;
+	TCPSTATE_GUARD(TCPSTATE_PROG_INET_SOCK_SET_STATE);
 	struct flow f = {};
 	TCPSTATE_FLOW_FROM_FIELDS(&f, args);
 	return on_set_state(args, (__u64)args->skaddr, tcpstate_clamp_state(args->oldstate),
@@ -149,6 +153,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #ifdef TCPSTATE_HAVE_TCP_SEND_RESET
 TRACEPOINT_PROBE(tcp, tcp_send_reset)
 {
+	TCPSTATE_GUARD(TCPSTATE_PROG_TCP_SEND_RESET);
 	struct flow f = {};
 #ifdef TCPSTATE_SEND_RESET_SOCKADDR
 	TCPSTATE_FLOW_FROM_SOCKADDR(&f, args);
@@ -201,6 +206,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 #ifdef TCPSTATE_HAVE_TCP_RECEIVE_RESET
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
+	TCPSTATE_GUARD(TCPSTATE_PROG_TCP_RECEIVE_RESET);
 	struct flow f = {};
 #ifdef TCPSTATE_RECEIVE_RESET_HAS_FAMILY
 	TCPSTATE_FLOW_FROM_FIELDS(&f, args);
@@ -233,6 +239,7 @@ TRACEPOINT_PROBE(sock, inet_sk_error_report)
 	/* The kernel also reports 0 once the error is consumed. */
 	if (args->protocol != TCPSTATE_IPPROTO_TCP || args->error == 0)
 		return 0;
+	TCPSTATE_GUARD(TCPSTATE_PROG_INET_SK_ERROR_REPORT);
 	count_reported_connect_fail(args->sport, args->error);
 	return 0;
 }
@@ -260,6 +267,7 @@ static __always_inline void on_destroy(void *ctx, __u64 skaddr, __u16 sport, con
 /* The kernel's argument: (struct sock *sk). */
 RAW_TRACEPOINT_PROBE(tcp_destroy_sock)
 {
+	TCPSTATE_GUARD(TCPSTATE_PROG_TCP_DESTROY_SOCK);
 	__u64 skaddr = ctx->args[0];
 #ifdef TCPSTATE_SK_ERR_AT
 	__u16 sport = 0;  /* pending failures are found by the socket, not the port */
@@ -272,6 +280,7 @@ RAW_TRACEPOINT_PROBE(tcp_destroy_sock)
 #else
 TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 {
+	TCPSTATE_GUARD(TCPSTATE_PROG_TCP_DESTROY_SOCK);
 	struct flow f = {};
 #if defined(TCPSTATE_NEED_FLOW) && defined(TCPSTATE_DESTROY_SOCK_HAS_FAMILY)
 	TCPSTATE_FLOW_FROM_FIELDS(&f, args);
@@ -296,6 +305,7 @@ int tcpstate_kfree_skb(void *ctx)
 	__u32 reason = *(__u32 *)(ctx + TCPSTATE_KFREE_SKB_REASON_AT);
 	if (reason != TCPSTATE_DROP_NO_SOCKET)
 		return 0;
+	TCPSTATE_GUARD(TCPSTATE_PROG_KFREE_SKB);
 	void *skb = *(void **)(ctx + TCPSTATE_KFREE_SKB_SKBADDR_AT);
 	unsigned char *head = NULL;
 	__u16 nh = 0, th = 0;
@@ -359,6 +369,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 	if (args->err)  /* the kernel reports failed attempts too; those never left the host */
 		return 0;
 #endif
+	TCPSTATE_GUARD(TCPSTATE_PROG_TCP_RETRANSMIT_SKB);
 	TCPSTATE_RETURN_IF_UNWANTED(TCPSTATE_RETRANSMIT_SKB_FLOW);
 	__u8 state = tcpstate_clamp_state(args->state);
 	COUNT(retransmits, state);
@@ -378,6 +389,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
  * SYN); the kernel reports only those that went out. Counted under SYN_RECV. */
 TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 {
+	TCPSTATE_GUARD(TCPSTATE_PROG_TCP_RETRANSMIT_SYNACK);
 	TCPSTATE_RETURN_IF_UNWANTED(TCPSTATE_RETRANSMIT_SYNACK_FLOW);
 	COUNT(retransmits, TCPSTATE_TCP_SYN_RECV);
 	COUNT(syn_retrans, TCPSTATE_ROLE_SERVER);

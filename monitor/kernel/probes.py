@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class ProgramStats(NamedTuple):
     run_time_ns: int
     run_cnt: int
-    recursion_misses: int  # runs the kernel skipped: another BPF program was active on the CPU
+    recursion_misses: int  # runs skipped: another BPF program was active on the CPU (README, "Limits")
 
 
 class Windows(NamedTuple):
@@ -394,7 +394,9 @@ class Probes:
 
     def program_stats(self) -> dict[str, ProgramStats]:
         """Per tracepoint: the kernel's own accounting of our program's runs. run_time_ns and
-        run_cnt stay 0 unless kernel.bpf_stats_enabled=1; recursion_misses always counts."""
+        run_cnt stay 0 unless kernel.bpf_stats_enabled=1; recursion_misses always counts, and
+        takes in the runs the program skipped itself because another of ours held the CPU
+        (bpf/guard.h)."""
         from bcc.libbcc import lib
 
         out = {}
@@ -402,7 +404,8 @@ class Probes:
             if self.bpf is None:
                 return out
             funcs = dict(self.bpf.funcs)
-        for group, name, _ in TRACEPOINTS:
+            skips = self._read_percpu("probe_skips")
+        for index, (group, name, _) in enumerate(TRACEPOINTS):
             fn = funcs.get(program_name(group, name, self.layout.raw_tracepoints).encode())
             if fn is None:
                 continue
@@ -416,7 +419,7 @@ class Probes:
                 return int.from_bytes(raw[off:off + 8], "little") if off + 8 <= n else 0
 
             out[f"{group}:{name}"] = ProgramStats(u64(self._RUN_TIME_NS), u64(self._RUN_CNT),
-                                                  u64(self._RECURSION_MISSES))
+                                                  u64(self._RECURSION_MISSES) + skips[index])
         return out
 
     def open_events(self, callback) -> None:

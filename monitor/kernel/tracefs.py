@@ -219,8 +219,12 @@ class Layout:
         """Why the raw tracepoints are not used (empty when they are)."""
         if self.raw_off:
             return self.raw_off
+        missing = [k for k in ("TCPSTATE_SK_PROTOCOL_AT", *_SOCK_HEAD_FIELDS, *_INET_FIELDS) if k not in self.offsets]
+        if missing:
+            names = ", ".join(BTF_OFFSETS[k] for k in missing)
+            return f"no struct sock offsets ({names}: {self.btf_problem or 'not given'})"
         if self.raw_blocks() is None:
-            return f"no struct sock offsets ({self.btf_problem or 'fields too far apart'})"
+            return f"the socket's fields lie more than {_MAX_BLOCK} bytes apart"
         return ""
 
     def usable(self, name: str) -> bool:

@@ -240,3 +240,13 @@ def test_raw_programs_are_found_by_their_names():
     assert program_name("tcp", "tcp_send_reset", raw=True) == "tracepoint__tcp__tcp_send_reset"
     assert program_name("sock", "inet_sock_set_state") == "tracepoint__sock__inet_sock_set_state"
     assert program_name("skb", "kfree_skb", raw=True) == "tcpstate_kfree_skb"
+
+
+def test_the_programs_skips_are_indexed_as_the_tracepoints_are_listed():
+    """bpf/guard.h counts a skipped run at TCPSTATE_PROG_<NAME>; Probes.program_stats reads it by
+    the tracepoint's place in TRACEPOINTS."""
+    from monitor.kernel.abi import C
+    from monitor.kernel.tracefs import TRACEPOINTS
+
+    assert [C[f"TCPSTATE_PROG_{name.upper()}"] for _, name, _ in TRACEPOINTS] == list(range(len(TRACEPOINTS)))
+    assert C["TCPSTATE_NPROGS"] == len(TRACEPOINTS)
