@@ -10,7 +10,8 @@
  * these: connect_fails feeds tcpstate_connect_failures_total (its last slot, the SYNs those connects
  * sent, another family), resets_after_hs tcpstate_resets_after_handshake_total, syn_retrans
  * tcpstate_syn_retransmits_total; durations holds both duration histograms and stats the program's
- * own counts (events lost, untracked transitions, socket-table inserts and frees). */
+ * own counts (events lost, untracked transitions, socket-table inserts and frees), probe_skips the
+ * runs guard.h skipped, per program (added to tcpstate_probe_misses_total). */
 BPF_PERCPU_ARRAY(transitions, __u64, TCPSTATE_NTRANSITIONS);
 BPF_PERCPU_ARRAY(resets, __u64, TCPSTATE_NRESETS);
 BPF_PERCPU_ARRAY(connect_fails, __u64, TCPSTATE_NFAIL_SLOTS);
@@ -20,6 +21,7 @@ BPF_PERCPU_ARRAY(port_reuse, __u64, TCPSTATE_NROLES);
 BPF_PERCPU_ARRAY(resets_after_hs, __u64, TCPSTATE_NRESETS_AFTER_HS);
 BPF_PERCPU_ARRAY(retransmits, __u64, TCPSTATE_NSTATES);
 BPF_PERCPU_ARRAY(syn_retrans, __u64, TCPSTATE_NROLES);
+BPF_PERCPU_ARRAY(probe_skips, __u64, TCPSTATE_NPROGS);
 BPF_ARRAY(settings, __u64, TCPSTATE_NSETTINGS);
 
 /* bcc rewrites map.lookup() only where it is spelled outside a macro, and no map can be passed
@@ -35,9 +37,10 @@ enum tcpstate_counter {
 	COUNTER_resets_after_hs,
 	COUNTER_retransmits,
 	COUNTER_syn_retrans,
+	COUNTER_probe_skips,
 };
 
-/* Per-CPU slots: the kernel refuses a nested BPF run on the same CPU, so += does not race. */
+/* Per-CPU slots, and no tcpstate program runs inside another on a CPU (guard.h): += does not race. */
 static __always_inline void count_by(enum tcpstate_counter c, __u32 idx, __u64 n)
 {
 	__u64 *v = NULL;
@@ -51,6 +54,7 @@ static __always_inline void count_by(enum tcpstate_counter c, __u32 idx, __u64 n
 	case COUNTER_resets_after_hs: v = resets_after_hs.lookup(&idx); break;
 	case COUNTER_retransmits: v = retransmits.lookup(&idx); break;
 	case COUNTER_syn_retrans: v = syn_retrans.lookup(&idx); break;
+	case COUNTER_probe_skips: v = probe_skips.lookup(&idx); break;
 	}
 	if (v)
 		*v += n;

@@ -20,6 +20,9 @@
  *   TCPSTATE_SKC_STATE_AT             byte offset of sock_common.skc_state (BTF): a reset's state read
  *                                     from the socket, so the socket table is touched only where a
  *                                     count needs it (socks.h, TCPSTATE_TRACK_FEW)
+ *   TCPSTATE_RAW_TRACEPOINTS          with the struct sock offsets sockread.h lists (BTF): inet_sock_set_state
+ *                                     and tcp_destroy_sock attached as raw tracepoints, which read the
+ *                                     socket instead of the tracepoint's record
  *   TCPSTATE_RETRANSMIT_SKB_HAS_FAMILY / _HAS_ERR, TCPSTATE_RETRANSMIT_SYNACK_HAS_FAMILY
  *   TCPSTATE_FILTER_INCLUDE_CIDR / _EXCLUDE_CIDR / _PORTS
  *   TCPSTATE_EMIT_EVENTS              feed the watch ring buffer
@@ -38,6 +41,8 @@
  *   failures.h        failed connects by cause, and their SYNs
  *   reuse.h           port reuse (recent closes by 4-tuple)
  *   resets.h          resets by direction, state and reason; resets right after the handshake
+ *   sockread.h        a socket's protocol and ends read from the socket, for the raw tracepoints
+ *   guard.h           one of these programs at a time per CPU (raw tracepoints do not nest-guard each other)
  * bcc rewrites map calls only in the file it compiles, so probes.py splices these headers into
  * tcpstate.c before handing it over (probes.bcc_source); gcc and bcc see the same text.
  */
@@ -63,15 +68,15 @@ enum sk_rst_reason { TCPSTATE_SK_RST_REASON_FIRST };
 #include "failures.h"
 #include "reuse.h"
 #include "resets.h"
+#include "sockread.h"
+#include "guard.h"
 
-TRACEPOINT_PROBE(sock, inet_sock_set_state)
+/* A transition, from either entry point below. The tracepoint's record gives the two ends
+ * (given); a raw tracepoint reads them from the socket (given NULL), and only where a step needs
+ * them. */
+static __always_inline int on_set_state(void *ctx, __u64 skaddr, __u8 oldstate, __u8 newstate,
+					const struct flow *given)
 {
-	if (args->protocol != TCPSTATE_IPPROTO_TCP)
-		return 0;
-	__u8 oldstate = tcpstate_clamp_state(args->oldstate);
-	__u8 newstate = tcpstate_clamp_state(args->newstate);
-	__u64 skaddr = (__u64)args->skaddr;
-	__u16 sport = args->sport;
 	int failed = oldstate == TCPSTATE_TCP_SYN_SENT && newstate == TCPSTATE_TCP_CLOSE;
 #ifdef TCPSTATE_SEGS_OUT_AT
 	__u32 syns = failed ? segs_out(skaddr) : 0;
@@ -86,13 +91,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	int role __attribute__((unused)) = tcpstate_opening_role(oldstate);
 	struct flow f = {};
 #ifdef TCPSTATE_NEED_FLOW
-	TCPSTATE_FLOW_FROM_FIELDS(&f, args);
+	transition_flow(&f, given, skaddr);
 	if (!flow_wanted(&f))
 		return 0;
 #else
 	/* Only the transitions that record, look up or blame a 4-tuple copy it. */
 	if (closes || role >= 0)
-		TCPSTATE_FLOW_FROM_FIELDS(&f, args);
+		transition_flow(&f, given, skaddr);
 #endif
 	if (!needs_socket_record(newstate)) {  /* between two states of an open connection */
 		COUNT(transitions, oldstate * TCPSTATE_NSTATES + newstate);
@@ -108,8 +113,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	int waits = close_must_wait(s, newstate, counted);
 	if (!waits)
 		COUNT(transitions, oldstate * TCPSTATE_NSTATES + counted);
-	if (failed)
-		classify_connect_fail(skaddr, sport, s);
+	if (failed)  /* the flow was copied: role is the client's */
+		classify_connect_fail(skaddr, f.sport, s);
 	__u64 delta_us = record_transition(s, oldstate, newstate, now);
 	if (waits) {
 		s->flags |= TCPSTATE_SOCK_CLOSE_PENDING;
@@ -117,14 +122,38 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		return 0;
 	}
 #ifdef TCPSTATE_EMIT_EVENTS
-	emit(args, &f, skaddr, TCPSTATE_EV_TRANSITION, oldstate, counted, 0, delta_us, s);
+	emit(ctx, &f, skaddr, TCPSTATE_EV_TRANSITION, oldstate, counted, 0, delta_us, s);
 #endif
 	return 0;
 }
 
+#ifdef TCPSTATE_RAW_TRACEPOINTS
+/* The kernel's arguments: (const struct sock *sk, int oldstate, int newstate). */
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+	__u64 skaddr = ctx->args[0];
+	if (sock_protocol(skaddr) != TCPSTATE_IPPROTO_TCP)
+		return 0;
+	TCPSTATE_GUARD(TCPSTATE_PROG_INET_SOCK_SET_STATE);
+	return on_set_state(ctx, skaddr, tcpstate_clamp_state(ctx->args[1]), tcpstate_clamp_state(ctx->args[2]), NULL);
+}
+#else
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+	if (args->protocol != TCPSTATE_IPPROTO_TCP)
+		return 0;
+	TCPSTATE_GUARD(TCPSTATE_PROG_INET_SOCK_SET_STATE);
+	struct flow f = {};
+	TCPSTATE_FLOW_FROM_FIELDS(&f, args);
+	return on_set_state(args, (__u64)args->skaddr, tcpstate_clamp_state(args->oldstate),
+			    tcpstate_clamp_state(args->newstate), &f);
+}
+#endif
+
 #ifdef TCPSTATE_HAVE_TCP_SEND_RESET
 TRACEPOINT_PROBE(tcp, tcp_send_reset)
 {
+	TCPSTATE_GUARD(TCPSTATE_PROG_TCP_SEND_RESET);
 	struct flow f = {};
 #ifdef TCPSTATE_SEND_RESET_SOCKADDR
 	TCPSTATE_FLOW_FROM_SOCKADDR(&f, args);
@@ -177,6 +206,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
 #ifdef TCPSTATE_HAVE_TCP_RECEIVE_RESET
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
+	TCPSTATE_GUARD(TCPSTATE_PROG_TCP_RECEIVE_RESET);
 	struct flow f = {};
 #ifdef TCPSTATE_RECEIVE_RESET_HAS_FAMILY
 	TCPSTATE_FLOW_FROM_FIELDS(&f, args);
@@ -209,36 +239,58 @@ TRACEPOINT_PROBE(sock, inet_sk_error_report)
 	/* The kernel also reports 0 once the error is consumed. */
 	if (args->protocol != TCPSTATE_IPPROTO_TCP || args->error == 0)
 		return 0;
+	TCPSTATE_GUARD(TCPSTATE_PROG_INET_SK_ERROR_REPORT);
 	count_reported_connect_fail(args->sport, args->error);
 	return 0;
 }
 #endif
 
 #ifdef TCPSTATE_HAVE_TCP_DESTROY_SOCK
-TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
+/* A socket's end: what it still owed (a failed connect's cause, a close that waited for a reset)
+ * is settled, and its slot freed at once instead of waiting for LRU eviction. */
+static __always_inline void on_destroy(void *ctx, __u64 skaddr, __u16 sport, const struct flow *given)
 {
-	__u64 skaddr = (__u64)args->skaddr;
-	__u16 sport = args->sport;
-
 	struct tcpstate_sock *s = socks.lookup(&skaddr);
 	settle_connect_fail_at_destroy(skaddr, sport, s);
 	if (s && (s->flags & TCPSTATE_SOCK_CLOSE_PENDING)) {
-#if defined(TCPSTATE_NEED_FLOW) && defined(TCPSTATE_DESTROY_SOCK_HAS_FAMILY)
 		struct flow f = {};
-		TCPSTATE_FLOW_FROM_FIELDS(&f, args);
-#elif defined(TCPSTATE_NEED_FLOW)
-		struct flow f = {};
-		TCPSTATE_FLOW_FROM_MAPPED(&f, args);
-#else
-		struct flow f;
+#ifdef TCPSTATE_NEED_FLOW
+		transition_flow(&f, given, skaddr);
 #endif
-		settle_waiting_close(args, &f, skaddr, s, TCPSTATE_TCP_TIME_WAIT);
+		settle_waiting_close(ctx, &f, skaddr, s, TCPSTATE_TCP_TIME_WAIT);
 	}
-	/* Frees the slot at once instead of waiting for LRU eviction. */
 	if (s && socks.delete(&skaddr) == 0)
 		COUNT(stats, TCPSTATE_STAT_SOCK_FREED);
+}
+
+#ifdef TCPSTATE_RAW_TRACEPOINTS
+/* The kernel's argument: (struct sock *sk). */
+RAW_TRACEPOINT_PROBE(tcp_destroy_sock)
+{
+	TCPSTATE_GUARD(TCPSTATE_PROG_TCP_DESTROY_SOCK);
+	__u64 skaddr = ctx->args[0];
+#ifdef TCPSTATE_SK_ERR_AT
+	__u16 sport = 0;  /* pending failures are found by the socket, not the port */
+#else
+	__u16 sport = transition_sport(skaddr);
+#endif
+	on_destroy(ctx, skaddr, sport, NULL);
 	return 0;
 }
+#else
+TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
+{
+	TCPSTATE_GUARD(TCPSTATE_PROG_TCP_DESTROY_SOCK);
+	struct flow f = {};
+#if defined(TCPSTATE_NEED_FLOW) && defined(TCPSTATE_DESTROY_SOCK_HAS_FAMILY)
+	TCPSTATE_FLOW_FROM_FIELDS(&f, args);
+#elif defined(TCPSTATE_NEED_FLOW)
+	TCPSTATE_FLOW_FROM_MAPPED(&f, args);
+#endif
+	on_destroy(args, (__u64)args->skaddr, args->sport, &f);
+	return 0;
+}
+#endif
 #endif
 
 #ifdef TCPSTATE_NOSOCK_RESETS_FROM_KFREE_SKB
@@ -253,6 +305,7 @@ int tcpstate_kfree_skb(void *ctx)
 	__u32 reason = *(__u32 *)(ctx + TCPSTATE_KFREE_SKB_REASON_AT);
 	if (reason != TCPSTATE_DROP_NO_SOCKET)
 		return 0;
+	TCPSTATE_GUARD(TCPSTATE_PROG_KFREE_SKB);
 	void *skb = *(void **)(ctx + TCPSTATE_KFREE_SKB_SKBADDR_AT);
 	unsigned char *head = NULL;
 	__u16 nh = 0, th = 0;
@@ -316,6 +369,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 	if (args->err)  /* the kernel reports failed attempts too; those never left the host */
 		return 0;
 #endif
+	TCPSTATE_GUARD(TCPSTATE_PROG_TCP_RETRANSMIT_SKB);
 	TCPSTATE_RETURN_IF_UNWANTED(TCPSTATE_RETRANSMIT_SKB_FLOW);
 	__u8 state = tcpstate_clamp_state(args->state);
 	COUNT(retransmits, state);
@@ -335,6 +389,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
  * SYN); the kernel reports only those that went out. Counted under SYN_RECV. */
 TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 {
+	TCPSTATE_GUARD(TCPSTATE_PROG_TCP_RETRANSMIT_SYNACK);
 	TCPSTATE_RETURN_IF_UNWANTED(TCPSTATE_RETRANSMIT_SYNACK_FLOW);
 	COUNT(retransmits, TCPSTATE_TCP_SYN_RECV);
 	COUNT(syn_retrans, TCPSTATE_ROLE_SERVER);

@@ -69,6 +69,17 @@
 #define TCPSTATE_STAT_SOCK_FREED 3     /* entries removed at the socket's destruction (not by LRU eviction) */
 #define TCPSTATE_NSTATS 4
 
+/* probe_skips index: tcpstate's programs, in the order of monitor/kernel/tracefs.TRACEPOINTS. */
+#define TCPSTATE_PROG_INET_SOCK_SET_STATE 0
+#define TCPSTATE_PROG_TCP_SEND_RESET 1
+#define TCPSTATE_PROG_TCP_RECEIVE_RESET 2
+#define TCPSTATE_PROG_INET_SK_ERROR_REPORT 3
+#define TCPSTATE_PROG_TCP_DESTROY_SOCK 4
+#define TCPSTATE_PROG_KFREE_SKB 5
+#define TCPSTATE_PROG_TCP_RETRANSMIT_SKB 6
+#define TCPSTATE_PROG_TCP_RETRANSMIT_SYNACK 7
+#define TCPSTATE_NPROGS 8
+
 /* Event kinds for the watch stream */
 #define TCPSTATE_EV_TRANSITION 0
 #define TCPSTATE_EV_RESET_SENT 1

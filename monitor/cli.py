@@ -162,9 +162,14 @@ def cli(log_level):
 @click.option("--user", "user", metavar="USER", envvar="TCPSTATE_USER",
               help="Once the probes are attached, become this user (name or uid). Capabilities are dropped "
               "either way, to none unless --netns needs some.")
+@click.option("--raw-tracepoints/--no-raw-tracepoints", default=True, show_default=True,
+              envvar="TCPSTATE_RAW_TRACEPOINTS", help="Attach inet_sock_set_state and tcp_destroy_sock as raw "
+              "tracepoints that read the socket at offsets from the kernel's BTF (cheaper, and never skipped "
+              "while another BPF program or a map read holds the CPU); off, or without BTF, their tracepoint "
+              "records are used.")
 def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, recent_closes, max_offenders,
         state_interval, top_n, netns_paths, forecast_window, config_path, settings, events_path, events_webhook,
-        web_config_path, user):
+        web_config_path, user, raw_tracepoints):
     """Run the daemon: attach the tracepoints and serve /metrics.
 
     Serves / (the live TCP state machine: transition rates, sockets per state, resets,
@@ -228,7 +233,7 @@ def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, r
                       state_interval=state_interval, top_n=top_n, targets=tuple(targets),
                       forecast_window=forecast_window, config_path=config_path, overrides=split_overrides(settings),
                       detector_cfg=detector_cfg, events_out=events_out, webhook_url=events_webhook, web=web,
-                      account=account)
+                      account=account, raw_tracepoints=raw_tracepoints)
     try:
         Daemon(opts).run(stop, reload)
     except DaemonError as exc:

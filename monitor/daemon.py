@@ -61,6 +61,7 @@ class RunOptions:
     webhook_url: str | None = None
     web: WebConfig | None = None
     account: privileges.Account | None = None
+    raw_tracepoints: bool = True
 
 
 @dataclass
@@ -121,7 +122,8 @@ class Daemon:
         stack.callback(self.http.stop)
         log.info("filters: %s", opts.filters.describe())
         try:
-            self.probes = open_probes(opts.filters, max_sockets=opts.max_sockets, recent_closes=opts.recent_closes,
+            self.probes = open_probes(opts.filters, raw_tracepoints=opts.raw_tracepoints,
+                                      max_sockets=opts.max_sockets, recent_closes=opts.recent_closes,
                                       max_offenders=opts.max_offenders, windows=Windows.from_config(cfg))
         except (TracefsError, ProbeError) as exc:
             raise DaemonError(str(exc)) from None

@@ -17,7 +17,7 @@ from typing import NamedTuple
 from monitor.detect.config import DETECTOR_DEFAULTS
 from monitor.kernel.abi import C, Offender, OffenderKey, bpf_dir
 from monitor.kernel.counters import Counts, RawCounters, SocketTable, aggregate
-from monitor.kernel.tracefs import TRACEPOINTS, Layout, detect_layout, ensure_tracefs
+from monitor.kernel.tracefs import RAW_TRACEPOINTS, TRACEPOINTS, Layout, detect_layout, ensure_tracefs
 from monitor.settings import (
     DEFAULT_MAX_OFFENDERS,
     DEFAULT_MAX_SOCKETS,
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class ProgramStats(NamedTuple):
     run_time_ns: int
     run_cnt: int
-    recursion_misses: int  # runs the kernel skipped: another BPF program was active on the CPU
+    recursion_misses: int  # runs skipped: another BPF program was active on the CPU (README, "Limits")
 
 
 class Windows(NamedTuple):
@@ -148,7 +148,10 @@ def bcc_source(path: Path, _seen: set | None = None) -> str:
 MANUAL_PROGRAMS = {"kfree_skb": "tcpstate_kfree_skb"}
 
 
-def program_name(group: str, name: str) -> str:
+def program_name(group: str, name: str, raw: bool = False) -> str:
+    """The function bcc loads for a tracepoint (raw: attached as a raw tracepoint)."""
+    if raw and name in RAW_TRACEPOINTS:
+        return f"raw_tracepoint__{name}"
     return MANUAL_PROGRAMS.get(name, f"tracepoint__{group}__{name}")
 
 
@@ -391,7 +394,9 @@ class Probes:
 
     def program_stats(self) -> dict[str, ProgramStats]:
         """Per tracepoint: the kernel's own accounting of our program's runs. run_time_ns and
-        run_cnt stay 0 unless kernel.bpf_stats_enabled=1; recursion_misses always counts."""
+        run_cnt stay 0 unless kernel.bpf_stats_enabled=1; recursion_misses always counts, and
+        takes in the runs the program skipped itself because another of ours held the CPU
+        (bpf/guard.h)."""
         from bcc.libbcc import lib
 
         out = {}
@@ -399,8 +404,9 @@ class Probes:
             if self.bpf is None:
                 return out
             funcs = dict(self.bpf.funcs)
-        for group, name, _ in TRACEPOINTS:
-            fn = funcs.get(program_name(group, name).encode())
+            skips = self._read_percpu("probe_skips")
+        for index, (group, name, _) in enumerate(TRACEPOINTS):
+            fn = funcs.get(program_name(group, name, self.layout.raw_tracepoints).encode())
             if fn is None:
                 continue
             buf = ctypes.create_string_buffer(self._INFO_SIZE)
@@ -413,7 +419,7 @@ class Probes:
                 return int.from_bytes(raw[off:off + 8], "little") if off + 8 <= n else 0
 
             out[f"{group}:{name}"] = ProgramStats(u64(self._RUN_TIME_NS), u64(self._RUN_CNT),
-                                                  u64(self._RECURSION_MISSES))
+                                                  u64(self._RECURSION_MISSES) + skips[index])
         return out
 
     def open_events(self, callback) -> None:
@@ -429,6 +435,8 @@ class Probes:
         with self._lock:
             for tp in list(self.bpf.tracepoint_fds):
                 self.bpf.detach_tracepoint(tp)
+            for tp in list(self.bpf.raw_tracepoint_fds):
+                self.bpf.detach_raw_tracepoint(tp)
         self.bpf.ring_buffer_consume()
 
     def close(self) -> None:
@@ -438,11 +446,14 @@ class Probes:
                 self.bpf = None
 
 
-def open_probes(filters: Filters = NO_FILTERS, **kwargs) -> Probes:
+def open_probes(filters: Filters = NO_FILTERS, raw_tracepoints: bool = True, **kwargs) -> Probes:
     """This kernel's tracepoints found (tracefs mounted if need be) and said in the log, how each
-    count is read here, and the program compiled, loaded and attached. kwargs: Probes'. Raises
+    count is read here, and the program compiled, loaded and attached. raw_tracepoints False: the
+    tracepoints' records even where BTF would allow raw tracepoints. kwargs: Probes'. Raises
     TracefsError or ProbeError, one line each."""
     layout = detect_layout(ensure_tracefs())
+    if not raw_tracepoints:
+        layout.raw_off = "turned off (--no-raw-tracepoints)"
     for tp, usable in layout.probe_states().items():
         log.log(logging.INFO if usable else logging.WARNING, "tracepoint %s: %s", tp,
                 layout.describe(tp.split(":", 1)[1]))

@@ -49,8 +49,26 @@ BTF_OFFSETS = {
     "TCPSTATE_SKB_TRANSPORT_HEADER_AT": "sk_buff.transport_header",
     "TCPSTATE_SEGS_OUT_AT": "tcp_sock.segs_out",
     "TCPSTATE_SKC_STATE_AT": "sock_common.skc_state",
+    # What inet_sock_set_state's and tcp_destroy_sock's records hold, for the raw tracepoints
+    # (bpf/sockread.h). sock_common opens struct sock, and struct sock opens inet_sock.
+    "TCPSTATE_SK_PROTOCOL_AT": "sock.sk_protocol",
+    "TCPSTATE_SKC_DADDR_AT": "sock.__sk_common.skc_daddr",
+    "TCPSTATE_SKC_DPORT_AT": "sock.__sk_common.skc_dport",
+    "TCPSTATE_SKC_FAMILY_AT": "sock.__sk_common.skc_family",
+    "TCPSTATE_SKC_V6_DADDR_AT": "sock.__sk_common.skc_v6_daddr",
+    "TCPSTATE_SKC_V6_RCV_SADDR_AT": "sock.__sk_common.skc_v6_rcv_saddr",
+    "TCPSTATE_INET_SADDR_AT": "inet_sock.inet_saddr",
+    "TCPSTATE_INET_SPORT_AT": "inet_sock.inet_sport",
 }
 _SKB_OFFSETS = ("TCPSTATE_SKB_HEAD_AT", "TCPSTATE_SKB_NETWORK_HEADER_AT", "TCPSTATE_SKB_TRANSPORT_HEADER_AT")
+# What is attached as a raw tracepoint where BTF gives the socket's fields (Layout.raw_tracepoints).
+RAW_TRACEPOINTS = ("inet_sock_set_state", "tcp_destroy_sock")
+# The raw tracepoints' socket fields by size in bytes, in the two blocks sockread.h reads: the start of
+# the socket (sock_common's fields), and the part of inet_sock around its local address and port.
+_SOCK_HEAD_FIELDS = {"TCPSTATE_SKC_DADDR_AT": 4, "TCPSTATE_SKC_DPORT_AT": 2, "TCPSTATE_SKC_FAMILY_AT": 2,
+                     "TCPSTATE_SKC_V6_DADDR_AT": 16, "TCPSTATE_SKC_V6_RCV_SADDR_AT": 16}
+_INET_FIELDS = {"TCPSTATE_INET_SADDR_AT": 4, "TCPSTATE_INET_SPORT_AT": 2}
+_MAX_BLOCK = 128  # bytes of the program's stack one block may take
 NO_SOCKET_REASON = 1  # TCPSTATE_REASON_NO_SOCKET
 
 
@@ -174,6 +192,40 @@ class Layout:
     drop_reasons: dict[str, int] = field(default_factory=dict)  # kfree_skb's reason names -> numbers
     offsets: dict[str, int] = field(default_factory=dict)  # BTF_OFFSETS names found
     btf_problem: str | None = "not read"
+    raw_off: str | None = None  # why the raw tracepoints are not used though this kernel allows them
+
+    def raw_blocks(self) -> tuple[int, int, int] | None:
+        """(bytes read from the socket's start, inet block's offset, its length) for the raw
+        tracepoints, or None where BTF lacks a field or a block would not fit the stack."""
+        if "TCPSTATE_SK_PROTOCOL_AT" not in self.offsets or not all(
+                k in self.offsets for k in (*_SOCK_HEAD_FIELDS, *_INET_FIELDS)):
+            return None
+        head = -(-max(self.offsets[k] + n for k, n in _SOCK_HEAD_FIELDS.items()) // 8) * 8
+        inet_at = min(self.offsets[k] for k in _INET_FIELDS)
+        inet_len = max(self.offsets[k] + n for k, n in _INET_FIELDS.items()) - inet_at
+        if head > _MAX_BLOCK or inet_len > _MAX_BLOCK:
+            return None
+        return head, inet_at, inet_len
+
+    @property
+    def raw_tracepoints(self) -> bool:
+        """inet_sock_set_state and tcp_destroy_sock are attached as raw tracepoints, reading the
+        socket at BTF offsets instead of the record the kernel fills for each event: cheaper, and
+        never skipped because another BPF program, or a map read from user space, holds the CPU."""
+        return self.raw_off is None and self.raw_blocks() is not None
+
+    @property
+    def raw_problem(self) -> str:
+        """Why the raw tracepoints are not used (empty when they are)."""
+        if self.raw_off:
+            return self.raw_off
+        missing = [k for k in ("TCPSTATE_SK_PROTOCOL_AT", *_SOCK_HEAD_FIELDS, *_INET_FIELDS) if k not in self.offsets]
+        if missing:
+            names = ", ".join(BTF_OFFSETS[k] for k in missing)
+            return f"no struct sock offsets ({names}: {self.btf_problem or 'not given'})"
+        if self.raw_blocks() is None:
+            return f"the socket's fields lie more than {_MAX_BLOCK} bytes apart"
+        return ""
 
     def usable(self, name: str) -> bool:
         return self.formats.get(name) is not None and name not in self.problems
@@ -263,6 +315,8 @@ class Layout:
             return "missing on this kernel"
         if name in self.problems:
             return self.problems[name]
+        if name in RAW_TRACEPOINTS and self.raw_tracepoints:
+            return "ok (raw tracepoint: reads the socket at offsets from BTF)"
         if name == "tcp_send_reset":
             extra = []
             if self.send_reset_has_state:
@@ -309,14 +363,17 @@ class Layout:
             retransmit = "tcp:tcp_retransmit_skb (state" + (
                 "; err: failed ones left out)" if self.has_field("tcp_retransmit_skb", "err") else ")")
         return [
-            Signal("transitions", "sock:inet_sock_set_state" if self.usable("inet_sock_set_state") else None,
+            Signal("transitions", self.usable("inet_sock_set_state") and (
+                "sock:inet_sock_set_state (raw tracepoint: struct sock fields at offsets from BTF)"
+                if self.raw_tracepoints else f"sock:inet_sock_set_state (its record: {self.raw_problem})") or None,
                    "nothing is counted: tcpstate needs it (Linux >= 4.16)"),
             Signal("resets sent", sent and f"{sent} (layout {self.send_reset_variant})", "sent resets are not counted"),
             Signal("resets sent for no socket", nosock, why),
             Signal("resets received", "tcp:tcp_receive_reset" if self.usable("tcp_receive_reset") else None,
                    "received resets are not counted and resets do not stop TIME_WAIT inference"),
             Signal("failed-connect causes", failures, fwhy),
-            Signal("socket-table frees", "tcp:tcp_destroy_sock" if self.usable("tcp_destroy_sock") else None,
+            Signal("socket-table frees", self.usable("tcp_destroy_sock") and (
+                "tcp:tcp_destroy_sock (raw tracepoint)" if self.raw_tracepoints else "tcp:tcp_destroy_sock") or None,
                    "socket-table slots are freed by LRU eviction only; an abort from FIN_WAIT2/CLOSING counts "
                    "as TIME_WAIT"),
             Signal("reset states",
@@ -360,6 +417,11 @@ class Layout:
             flags.append(f"-DTCPSTATE_SEGS_OUT_AT={self.offsets['TCPSTATE_SEGS_OUT_AT']}")
         if self.lean_socket_table:
             flags.append(f"-DTCPSTATE_SKC_STATE_AT={self.offsets['TCPSTATE_SKC_STATE_AT']}")
+        if self.raw_tracepoints:
+            head, inet_at, inet_len = self.raw_blocks()
+            flags += ["-DTCPSTATE_RAW_TRACEPOINTS", f"-DTCPSTATE_SKC_HEAD_LEN={head}",
+                      f"-DTCPSTATE_INET_BLOCK_AT={inet_at}", f"-DTCPSTATE_INET_BLOCK_LEN={inet_len}"]
+            flags += [f"-D{k}={self.offsets[k]}" for k in ("TCPSTATE_SK_PROTOCOL_AT", *_SOCK_HEAD_FIELDS, *_INET_FIELDS)]
         if self.refused_syn_flags_from_send_reset:
             flags.append("-DTCPSTATE_SEND_RESET_SKB_FLAGS")
             flags += [f"-D{k}={self.offsets[k]}" for k in _SKB_OFFSETS]

@@ -55,12 +55,14 @@ def json_line(ev: DecodedEvent, clock: WallClock) -> str:
 
 def stream(probes, out: TextIO, as_json: bool, stop: threading.Event, say: Callable[[str], None]) -> int:
     """Print every record of probes' ring buffer (opened with emit_events) until stop is set, then
-    detach, print what is left, and tell the losses: every record is printed or counted lost.
-    say: a line for the user (stderr). Returns the records of an unexpected size, skipped."""
+    detach, print what is left, and tell the losses: every record is printed or counted lost, in
+    the ring buffer or as a run the kernel skipped. say: a line for the user (stderr). Returns the
+    records of an unexpected size, skipped."""
     clock = WallClock()
     reasons = probes.layout.reason_names
     skipped = 0
     lost_seen = 0
+    misses_seen = 0
 
     def on_event(data, size):
         nonlocal skipped
@@ -72,11 +74,16 @@ def stream(probes, out: TextIO, as_json: bool, stop: threading.Event, say: Calla
         out.write((json_line(ev, clock) if as_json else table_row(ev, clock)) + "\n")
 
     def report_lost():
-        nonlocal lost_seen
+        nonlocal lost_seen, misses_seen
         lost = probes.read_stats()["events_lost"]
         if lost > lost_seen:
             say(f"tcpstate: lost {lost - lost_seen} events (ring buffer full; {lost} in all)")
             lost_seen = lost
+        # A run the kernel skipped wrote no record (README, "Limits": kernel-skipped runs).
+        misses = sum(s.recursion_misses for s in probes.program_stats().values())
+        if misses > misses_seen:
+            say(f"tcpstate: the kernel skipped {misses - misses_seen} program runs ({misses} in all)")
+            misses_seen = misses
 
     if not as_json:
         out.write(table_header() + "\n")

@@ -407,7 +407,8 @@ def test_sigkill_leaves_nothing_and_restart_is_clean(netns, tmp_path):
         listed_progs, listed_maps = bpf_ids("prog"), bpf_ids("map")
         print(f"\nkill: daemon {first.pid} holds programs {sorted(progs)}, maps {sorted(maps)}")
         # One program per tracepoint, new since "before", listed by bpftool; their maps too.
-        assert {program_name(*tp.split(":")) for tp in used_tracepoints()} <= {listed_progs.get(i) for i in progs}
+        raw = detect_layout(ensure_tracefs()).raw_tracepoints  # as the daemon decides with its defaults
+        assert {program_name(*tp.split(":"), raw=raw) for tp in used_tracepoints()} <= {listed_progs.get(i) for i in progs}
         assert progs and progs <= set(listed_progs) and not progs & set(before_progs)
         assert {"socks", "transitions", "resets"} <= {listed_maps.get(i) for i in maps}
         assert maps and maps <= set(listed_maps) and not maps & set(before_maps)

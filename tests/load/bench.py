@@ -11,6 +11,10 @@ veth pair (198.18.100.1 -> 198.18.100.2), then runs the same load, bounded in ti
              (throughput without the kernel's own run-time accounting, as a host runs it), full
              churn with /metrics scraped 10 times a second (scrape latency; its CPU includes
              serving those scrapes), then fixed rates;
+  tcpstate-records
+             `tcpstate run --no-raw-tracepoints`: the tracepoints' records instead of raw tracepoints
+             (what a kernel without BTF runs, and tcpstate before raw tracepoints), full churn with
+             bpf_stats on and off;
   tcpstates  bcc's tcpstates-bpfcc (one perf event per transition, decoded in Python), the same;
   floor      a program that only increments a per-CPU counter per transition: what any
              tracepoint program costs here, for reference.
@@ -59,7 +63,10 @@ ANALYSIS_BEGIN, ANALYSIS_END = "<!-- analysis:begin -->", "<!-- analysis:end -->
 TARGETS = {"ratio": 0.97, "cpu": 5.0, "rss_mb": 100.0, "scrape_p99_ms": 50.0, "ns_per_event": 125.0}
 SCRAPES_PER_SECOND = 10
 TCPSTATES = "/usr/sbin/tcpstates-bpfcc"
-CONFIGS = ("none", "tcpstate", "tcpstate-nostats", "tcpstate+scrapes", "tcpstates", "floor")
+CONFIGS = ("none", "tcpstate", "tcpstate-nostats", "tcpstate+scrapes", "tcpstate-records", "tcpstate-records-nostats",
+           "tcpstates", "floor")
+# The monitors that are `tcpstate run` (its metrics give the counts), and their extra flags.
+TCPSTATE_FLAGS = {"tcpstate": [], "tcpstate-records": ["--no-raw-tracepoints"]}
 # The floor: the least a tracepoint program can do, one per-CPU counter increment per transition.
 FLOOR_PROGRAM = r"""
 import signal, sys
@@ -369,7 +376,9 @@ def _mb(kb):
 
 
 LABELS = {"none": "no monitor", "tcpstate": "tcpstate run", "tcpstate-nostats": "tcpstate run, bpf_stats off",
-          "tcpstate+scrapes": "tcpstate run, 10 scrapes/s", "tcpstates": "bcc tcpstates",
+          "tcpstate+scrapes": "tcpstate run, 10 scrapes/s",
+          "tcpstate-records": "tcpstate run --no-raw-tracepoints",
+          "tcpstate-records-nostats": "tcpstate run --no-raw-tracepoints, bpf_stats off", "tcpstates": "bcc tcpstates",
           "floor": "floor: a counter increment"}
 
 
@@ -463,11 +472,13 @@ def plot(summary: dict, path: str) -> None:
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 5))
     configs = [c for c in CONFIGS if f"{c}@0" in summary]
     short = {"none": "no\nmonitor", "tcpstate": "tcpstate", "tcpstate-nostats": "tcpstate\nbpf_stats off",
-             "tcpstate+scrapes": "tcpstate\n10 scrapes/s", "tcpstates": "bcc\ntcpstates",
+             "tcpstate+scrapes": "tcpstate\n10 scrapes/s", "tcpstate-records": "tcpstate\nrecords",
+             "tcpstate-records-nostats": "tcpstate records\nbpf_stats off", "tcpstates": "bcc\ntcpstates",
              "floor": "floor\n(counter only)"}
     monitors = [c for c in configs if c not in ("none", "floor")]
     colors = {"none": "#888888", "tcpstate": "#1f77b4", "tcpstate-nostats": "#08519c", "tcpstate+scrapes": "#6baed6",
-              "tcpstates": "#d62728", "floor": "#2ca02c"}
+              "tcpstate-records": "#9467bd", "tcpstate-records-nostats": "#54278f", "tcpstates": "#d62728",
+              "floor": "#2ca02c"}
     for i, c in enumerate(configs):
         s = summary[f"{c}@0"]
         ax1.bar(i, s["rate"] or 0, color=colors[c])
@@ -695,9 +706,9 @@ class Monitor:
         self.rss_startup_kb = None
 
     def start(self, timeout: float = 120) -> None:
-        if self.kind == "tcpstate":
+        if self.kind in TCPSTATE_FLAGS:
             cmd = [str(ROOT / ".venv/bin/tcpstate"), "--log-level", "warning", "run",
-                   "--listen-address", f"127.0.0.1:{self.port}", "--events", "/dev/null"]
+                   "--listen-address", f"127.0.0.1:{self.port}", "--events", "/dev/null", *TCPSTATE_FLAGS[self.kind]]
         elif self.kind == "tcpstates":
             cmd = [TCPSTATES, "-s"]
         else:
@@ -720,7 +731,7 @@ class Monitor:
         self.rss_startup_kb = status_kb(read(f"/proc/{self.proc.pid}/status"), "VmHWM")
 
     def ready(self) -> bool:
-        if self.kind == "tcpstate":
+        if self.kind in TCPSTATE_FLAGS:
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
                 conn.request("GET", "/-/ready")
@@ -767,7 +778,7 @@ class Bench:
             time.sleep(0.5)
             pid = mon.proc.pid if mon else None
             if mon:
-                if mon.kind == "tcpstate":
+                if mon.kind in TCPSTATE_FLAGS:
                     snmp0 = snmp_tcp(read("/proc/net/snmp"))
                     m0 = metric_values(scrape(mon.port))
                 if mon.kind == "tcpstates":
@@ -815,7 +826,7 @@ class Bench:
                          programs=cost["programs"])
                 if mon.kind == "floor":
                     w["lost"] = cost["misses"]
-                if mon.kind == "tcpstate":
+                if mon.kind in TCPSTATE_FLAGS:
                     m1 = metric_values(scrape(mon.port))
                     snmp1 = snmp_tcp(read("/proc/net/snmp"))
                     c = tcpstate_counts(m0, m1, snmp0, snmp1, n, w["made"], w.get("scrape_failures", 0))
@@ -869,21 +880,24 @@ def run_round(rnd: int, churn: str, workdir: str, opts: dict, windows: list, sta
                     b.window(kind, mon)
                     if kind == "floor":
                         continue
-                    if kind == "tcpstate":
+                    if kind in TCPSTATE_FLAGS:
                         # The kernel's run-time accounting costs every program run two clock reads: the
                         # same load without it is what a host running tcpstate sees.
                         sysctl_set("kernel.bpf_stats_enabled", "0")
                         try:
-                            b.window("tcpstate-nostats", mon)
+                            b.window(f"{kind}-nostats", mon)
                         finally:
                             sysctl_set("kernel.bpf_stats_enabled", "1")
+                    if kind == "tcpstate-records":
+                        continue  # the comparison needs no scrapes or rates
+                    if kind == "tcpstate":
                         b.window("tcpstate+scrapes", mon, scrapes=True)
                     for r in sorted(opts["rates"], reverse=True):
                         b.window(kind, mon, target_rate=r)
                 finally:
                     code = mon.stop()
-            if kind == "tcpstate" and code not in (0, None):
-                log(f"warning: tcpstate exited with {code} on SIGTERM")
+            if kind in TCPSTATE_FLAGS and code not in (0, None):
+                log(f"warning: {kind} exited with {code} on SIGTERM")
             if kind == "tcpstates":
                 count_tcpstates(mon, windows[first:])
 
@@ -936,9 +950,10 @@ def machine_info() -> dict:
               help="Length of each fixed-rate window.")
 @click.option("--rates", default="1000,10000", show_default=True,
               help="Fixed rates in connections/s, comma-separated ('' for none).")
-@click.option("--monitors", default="tcpstate,tcpstates,floor", show_default=True,
-              help="Monitors to compare with no monitor, comma-separated (floor: a program that only "
-                   "increments a per-CPU counter, the least any tracepoint program costs).")
+@click.option("--monitors", default="tcpstate,tcpstate-records,tcpstates,floor", show_default=True,
+              help="Monitors to compare with no monitor, comma-separated (tcpstate-records: tcpstate run "
+                   "--no-raw-tracepoints; floor: a program that only increments a per-CPU counter, the least "
+                   "any tracepoint program costs).")
 @click.option("--client-threads", default=3, show_default=True, type=click.IntRange(1, 64))
 @click.option("--server-threads", default=2, show_default=True, type=click.IntRange(1, 64))
 @click.option("--metrics-port", default=19396, show_default=True, type=click.IntRange(1024, 65535),

@@ -39,6 +39,8 @@ SHIM = textwrap.dedent("""
     #define BPF_RINGBUF_OUTPUT(n, pages) struct { void *(*ringbuf_reserve)(__u64); \\
                                                    void (*ringbuf_submit)(void *, __u64); } n
     #define TRACEPOINT_PROBE(group, name) int tracepoint__##group##__##name(struct tracepoint__##group##__##name *args)
+    struct bpf_raw_tracepoint_args { __u64 args[0]; };
+    #define RAW_TRACEPOINT_PROBE(name) int raw_tracepoint__##name(struct bpf_raw_tracepoint_args *ctx)
     #define BPF_F_NO_COMMON_LRU 2
     __u64 bpf_ktime_get_ns(void);
     __u64 bpf_get_current_pid_tgid(void);
@@ -72,12 +74,20 @@ TEST_NET, DOC_NET = ipaddress.ip_network("198.18.0.0/15"), ipaddress.ip_network(
 FILTERS = {"none": Filters(), "all": Filters(include_cidrs=(TEST_NET,), exclude_cidrs=(DOC_NET,), include_ports=(443,)),
            "include": Filters(include_cidrs=(TEST_NET,)), "exclude": Filters(exclude_cidrs=(TEST_NET,)),
            "ports": Filters(include_ports=(443,))}
+# BTF: "raw" (every offset: raw tracepoints), "records" (every offset, --no-raw-tracepoints), "none".
 def variants():
     for kernel, btf, filters, events, sizes in itertools.product(
-            KERNELS, (True, False), ("none", "all"), (False, True), ((65536, 4096), (0, 0))):
+            KERNELS, ("raw", "records", "none"), ("none", "all"), (False, True), ((65536, 4096), (0, 0))):
         yield kernel, btf, filters, events, sizes
     for kernel, filters in itertools.product(KERNELS, ("include", "exclude", "ports")):
-        yield kernel, True, filters, False, (65536, 4096)
+        yield kernel, "raw", filters, False, (65536, 4096)
+
+
+def variant_layout(tmp_path, kernel, btf):
+    layout = layout_of(tmp_path, kernel, btf != "none")
+    if btf == "records":
+        layout.raw_off = "turned off (--no-raw-tracepoints)"
+    return layout
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +103,7 @@ def shims(tmp_path_factory):
 @pytest.mark.parametrize("kernel,btf,filters,events,sizes", list(variants()),
                          ids=lambda v: str(v) if not isinstance(v, tuple) else f"{v[0]}-{v[1]}")
 def test_every_variant_compiles_against_every_kernels_formats(shims, tmp_path, kernel, btf, filters, events, sizes):
-    layout = layout_of(tmp_path, kernel, btf)  # gcc checks the code the offsets switch on, not their values
+    layout = variant_layout(tmp_path, kernel, btf)  # gcc checks the code the offsets switch on, not their values
     p = Probes(layout, FILTERS[filters], emit_events=events, recent_closes=sizes[0], max_offenders=sizes[1])
     cmd = ["gcc", "-fsyntax-only", "-std=gnu11", "-Wall", "-Werror", "-Wno-unused-function", "-Wno-unknown-pragmas",
            "-Wno-pointer-arith", f"-I{shims}", "-include", str(shims / f"shim-{kernel}.h"), *p.cflags(),

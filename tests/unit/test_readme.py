@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from monitor.kernel.tracefs import RAW_TRACEPOINTS
+
 from .test_tracefs import KERNELS, layout_of
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -15,6 +17,7 @@ ROWS = {  # table row -> the Signal it describes
     "SYN-ACK retransmissions": "SYN-ACK retransmissions", "SYNs of failed connects": "SYNs of failed connects",
     "port reuse of refused SYNs": "port reuse of refused SYNs", "reset states": "reset states",
 }
+RAW_ROWS = {"transitions": "inet_sock_set_state", "socket-table frees": "tcp_destroy_sock"}
 FAMILY_ROWS = {"resets sent": "tcp_send_reset", "resets received": "tcp_receive_reset",
                "socket-table frees": "tcp_destroy_sock", "retransmissions": "tcp_retransmit_skb",
                "SYN-ACK retransmissions": "tcp_retransmit_synack"}
@@ -58,9 +61,12 @@ def test_each_cell_says_what_the_code_does_on_that_kernel(tmp_path, kernel):
         # "tcp:tcp_send_reset (layout …)" -> tcp_send_reset; "sock.sk_err (offset …)" -> sk_err
         token = re.split(r"[:.]", source.split(" ")[0])[-1]
         assert f"`{token}`" in cell, (row, kernel, cell, source)
-        tracepoint = FAMILY_ROWS.get(row)
+        tracepoint = RAW_ROWS.get(row) or FAMILY_ROWS.get(row)
+        raw = tracepoint in RAW_TRACEPOINTS and layout.raw_tracepoints  # the socket's own family
+        if tracepoint in RAW_TRACEPOINTS:
+            assert ("raw tracepoint" in cell) == raw, (row, kernel, cell)
         sockaddr = tracepoint == "tcp_send_reset" and layout.send_reset_variant == "sockaddr"  # family inside
-        if tracepoint and not sockaddr:
+        if tracepoint and not sockaddr and not raw:
             assert ("no `family`" in cell) == (not layout.has_field(tracepoint, "family")), (row, kernel, cell)
     # Failed retransmissions are reported, and left out, only where the tracepoint has err.
     assert ("`err`" in table["retransmissions"][kernel]) == layout.has_field("tcp_retransmit_skb", "err")

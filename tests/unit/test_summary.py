@@ -119,7 +119,8 @@ def test_kernel_info_from_the_layout_and_the_probes(tmp_path):
                               "tcp:tcp_receive_reset": True, "tcp:tcp_destroy_sock": True,
                               "tcp:tcp_retransmit_skb": True, "tcp:tcp_retransmit_synack": True}
     signals = {s["name"]: s for s in info["signals"]}
-    assert signals["transitions"] == {"name": "transitions", "source": "sock:inet_sock_set_state", "missing": None}
+    assert signals["transitions"] == {"name": "transitions", "missing": None, "source":
+                                      "sock:inet_sock_set_state (raw tracepoint: struct sock fields at offsets from BTF)"}
     nosock = signals["resets sent for no socket"]
     assert nosock["source"] is None and "not counted" in nosock["missing"]  # what the page shows as degraded
     assert len(signals) == 11

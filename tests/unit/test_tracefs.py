@@ -19,7 +19,8 @@ from monitor.kernel.tracefs import (
 DATA = Path(__file__).parent / "data" / "kernels"
 KERNELS = ("5.10", "6.1", "6.12", "6.18")
 GROUPS = {"inet_sock_set_state": "sock", "inet_sk_error_report": "sock", "kfree_skb": "skb"}
-FAKE_OFFSETS = dict(zip(BTF_OFFSETS, (284, 192, 180, 178, 1536, 18)))  # what a kernel's BTF gives (6.18's values)
+# What a kernel's BTF gives (6.18's values).
+FAKE_OFFSETS = dict(zip(BTF_OFFSETS, (284, 192, 180, 178, 1536, 18, 532, 0, 12, 16, 56, 72, 808, 814), strict=True))
 
 
 def kernel_tracefs(tmp_path: Path, kernel: str, skip: tuple = ()) -> str:
@@ -103,6 +104,14 @@ def test_layout_of_each_kernel(tmp_path, kernel):
     assert source(bare, "retransmissions") == "tcp:tcp_retransmit_skb"
 
 
+# The raw tracepoints' flags from FAKE_OFFSETS: sock_common read from the socket's start to the end
+# of skc_v6_rcv_saddr (72 + 16), inet_sock's saddr..sport in one 8-byte block.
+RAW_FLAGS = ["-DTCPSTATE_RAW_TRACEPOINTS", "-DTCPSTATE_SKC_HEAD_LEN=88", "-DTCPSTATE_INET_BLOCK_AT=808",
+             "-DTCPSTATE_INET_BLOCK_LEN=8", "-DTCPSTATE_SK_PROTOCOL_AT=532", "-DTCPSTATE_SKC_DADDR_AT=0",
+             "-DTCPSTATE_SKC_DPORT_AT=12", "-DTCPSTATE_SKC_FAMILY_AT=16", "-DTCPSTATE_SKC_V6_DADDR_AT=56",
+             "-DTCPSTATE_SKC_V6_RCV_SADDR_AT=72", "-DTCPSTATE_INET_SADDR_AT=808", "-DTCPSTATE_INET_SPORT_AT=814"]
+
+
 def test_cflags_of_5_10(tmp_path):
     """The oldest layout: no family anywhere but set_state, no error report, no drop reasons."""
     layout = layout_of(tmp_path, "5.10")
@@ -110,7 +119,7 @@ def test_cflags_of_5_10(tmp_path):
         "-DTCPSTATE_HAVE_TCP_SEND_RESET", "-DTCPSTATE_HAVE_TCP_RECEIVE_RESET", "-DTCPSTATE_HAVE_TCP_DESTROY_SOCK",
         "-DTCPSTATE_HAVE_TCP_RETRANSMIT_SKB", "-DTCPSTATE_HAVE_TCP_RETRANSMIT_SYNACK",
         "-DTCPSTATE_SEND_RESET_HAS_STATE", "-DTCPSTATE_SK_ERR_AT=284", "-DTCPSTATE_SEGS_OUT_AT=1536",
-        "-DTCPSTATE_SKC_STATE_AT=18",
+        "-DTCPSTATE_SKC_STATE_AT=18", *RAW_FLAGS,
     ]
     assert layout.probe_states() == {"sock:inet_sock_set_state": True, "tcp:tcp_send_reset": True,
                                      "tcp:tcp_receive_reset": True, "tcp:tcp_destroy_sock": True,
@@ -133,7 +142,7 @@ def test_cflags_of_6_1(tmp_path):
         "-DTCPSTATE_SEND_RESET_HAS_FAMILY", "-DTCPSTATE_SEND_RESET_HAS_STATE",
         "-DTCPSTATE_RECEIVE_RESET_HAS_FAMILY", "-DTCPSTATE_DESTROY_SOCK_HAS_FAMILY",
         "-DTCPSTATE_RETRANSMIT_SKB_HAS_FAMILY", "-DTCPSTATE_RETRANSMIT_SYNACK_HAS_FAMILY", "-DTCPSTATE_SK_ERR_AT=284",
-        "-DTCPSTATE_SEGS_OUT_AT=1536", "-DTCPSTATE_SKC_STATE_AT=18",
+        "-DTCPSTATE_SEGS_OUT_AT=1536", "-DTCPSTATE_SKC_STATE_AT=18", *RAW_FLAGS,
         "-DTCPSTATE_NOSOCK_RESETS_FROM_KFREE_SKB", f"-DTCPSTATE_KFREE_SKB_SKBADDR_AT={kfree['skbaddr'].offset}",
         f"-DTCPSTATE_KFREE_SKB_REASON_AT={kfree['reason'].offset}", f"-DTCPSTATE_DROP_NO_SOCKET={no_socket}",
         "-DTCPSTATE_SKB_HEAD_AT=192", "-DTCPSTATE_SKB_NETWORK_HEADER_AT=180", "-DTCPSTATE_SKB_TRANSPORT_HEADER_AT=178",
@@ -153,7 +162,8 @@ def test_cflags_of_6_18(tmp_path):
         "-DTCPSTATE_RECEIVE_RESET_HAS_FAMILY", "-DTCPSTATE_DESTROY_SOCK_HAS_FAMILY",
         "-DTCPSTATE_RETRANSMIT_SKB_HAS_FAMILY", "-DTCPSTATE_RETRANSMIT_SYNACK_HAS_FAMILY",
         "-DTCPSTATE_RETRANSMIT_SKB_HAS_ERR", "-DTCPSTATE_SK_ERR_AT=284", "-DTCPSTATE_SEGS_OUT_AT=1536",
-        "-DTCPSTATE_SKC_STATE_AT=18", "-DTCPSTATE_SEND_RESET_SKB_FLAGS", "-DTCPSTATE_SKB_HEAD_AT=192", "-DTCPSTATE_SKB_NETWORK_HEADER_AT=180",
+        "-DTCPSTATE_SKC_STATE_AT=18", *RAW_FLAGS, "-DTCPSTATE_SEND_RESET_SKB_FLAGS", "-DTCPSTATE_SKB_HEAD_AT=192",
+        "-DTCPSTATE_SKB_NETWORK_HEADER_AT=180",
         "-DTCPSTATE_SKB_TRANSPORT_HEADER_AT=178",
     ]
     assert "skb:kfree_skb" not in layout.probe_states()  # tcp_send_reset reports resets for no socket itself
@@ -191,3 +201,52 @@ def test_missing_set_state_is_reported(tmp_path):
 def test_btf_missing_is_said(tmp_path):
     layout = detect_layout(kernel_tracefs(tmp_path, "6.18"), btf_path=str(tmp_path / "no-vmlinux"))
     assert layout.offsets == {} and "cannot read" in layout.btf_problem
+
+
+def test_raw_tracepoints_need_every_socket_field_their_records_hold(tmp_path):
+    """5.10's destroy record has no family, but its raw tracepoint reads the socket's own; without
+    one of the fields, or with fields too far apart for one read, the records are used again."""
+    layout = layout_of(tmp_path, "5.10")
+    assert layout.raw_tracepoints and layout.raw_blocks() == (88, 808, 8)
+    assert layout.describe("tcp_destroy_sock") == "ok (raw tracepoint: reads the socket at offsets from BTF)"
+    assert source(layout, "transitions") == "sock:inet_sock_set_state"
+    for lost in ("TCPSTATE_SK_PROTOCOL_AT", "TCPSTATE_SKC_V6_DADDR_AT", "TCPSTATE_INET_SPORT_AT"):
+        offsets = {k: v for k, v in FAKE_OFFSETS.items() if k != lost}
+        partial = detect_layout(kernel_tracefs(tmp_path / lost, "5.10"), btf_path=None, offsets=offsets)
+        assert not partial.raw_tracepoints and "-DTCPSTATE_RAW_TRACEPOINTS" not in partial.cflags()
+        assert partial.describe("tcp_destroy_sock") == "ok (no family field: taken from the addresses)"
+        (transitions,) = [s for s in partial.signals() if s.name == "transitions"]
+        assert "its record: no struct sock offsets" in transitions.source
+    apart = detect_layout(kernel_tracefs(tmp_path / "apart", "6.1"), btf_path=None,
+                          offsets={**FAKE_OFFSETS, "TCPSTATE_INET_SADDR_AT": 600})
+    assert apart.raw_blocks() is None and not apart.raw_tracepoints
+    assert not layout_of(tmp_path / "bare", "6.1", btf=False).raw_tracepoints
+
+
+def test_raw_tracepoints_turned_off_are_said(tmp_path):
+    layout = layout_of(tmp_path, "6.18")
+    layout.raw_off = "turned off (--no-raw-tracepoints)"
+    assert "-DTCPSTATE_RAW_TRACEPOINTS" not in layout.cflags()
+    (transitions,) = [s for s in layout.signals() if s.name == "transitions"]
+    assert transitions.source == "sock:inet_sock_set_state (its record: turned off (--no-raw-tracepoints))"
+    assert layout.describe("inet_sock_set_state") == "ok"
+
+
+def test_raw_programs_are_found_by_their_names():
+    from monitor.kernel.probes import program_name
+
+    assert program_name("sock", "inet_sock_set_state", raw=True) == "raw_tracepoint__inet_sock_set_state"
+    assert program_name("tcp", "tcp_destroy_sock", raw=True) == "raw_tracepoint__tcp_destroy_sock"
+    assert program_name("tcp", "tcp_send_reset", raw=True) == "tracepoint__tcp__tcp_send_reset"
+    assert program_name("sock", "inet_sock_set_state") == "tracepoint__sock__inet_sock_set_state"
+    assert program_name("skb", "kfree_skb", raw=True) == "tcpstate_kfree_skb"
+
+
+def test_the_programs_skips_are_indexed_as_the_tracepoints_are_listed():
+    """bpf/guard.h counts a skipped run at TCPSTATE_PROG_<NAME>; Probes.program_stats reads it by
+    the tracepoint's place in TRACEPOINTS."""
+    from monitor.kernel.abi import C
+    from monitor.kernel.tracefs import TRACEPOINTS
+
+    assert [C[f"TCPSTATE_PROG_{name.upper()}"] for _, name, _ in TRACEPOINTS] == list(range(len(TRACEPOINTS)))
+    assert C["TCPSTATE_NPROGS"] == len(TRACEPOINTS)
