@@ -33,6 +33,7 @@ def poll(ns: str, **kwargs):
     return poller.results()[ns]
 
 
+TIME_WAIT_S = 60  # the kernel's TCP_TIMEWAIT_LEN
 SS_STATE = {"LISTEN": "listening", "ESTABLISHED": "established", "CLOSE_WAIT": "close-wait",
             "FIN_WAIT2": "fin-wait-2"}
 
@@ -182,21 +183,24 @@ def test_forecast_rises_toward_one(pair):
             # timer's jiffies (the kernel rounds a timer to them).
             surely = sum(1 for began, _ in pacer.closed_at if began > after - window + 0.01)
             maybe = sum(1 for _, seen in pacer.closed_at if seen > before - window - 0.01)
-            seen.append((rate, ep, surely, maybe, len(pacer.closed_at)))
+            # Connections whose TIME_WAIT surely / possibly outlived the poll: all of them on a
+            # host; an emulated guest can take longer than TIME_WAIT's 60 s to get here.
+            held = (sum(1 for began, _ in pacer.closed_at if began > after - TIME_WAIT_S + 0.01),
+                    sum(1 for _, seen in pacer.closed_at if seen > before - TIME_WAIT_S - 0.01))
+            seen.append((rate, ep, surely, maybe, held))
             print(f"rate {rate}/s: {ep.entry_rate * window:.0f} entries in {window} s (made {surely}..{maybe}), "
                   f"in use {ep.time_wait + ep.other}, utilization {ep.forecast.utilization:.3f}, "
                   f"exhaustion {ep.forecast.seconds_to_exhaustion}")
     finally:
         pacer.close()
-    for rate, ep, surely, maybe, made in seen:
+    for rate, ep, surely, maybe, held in seen:
         assert surely <= round(ep.entry_rate * window) <= maybe, (rate, ep, surely, maybe)
-        assert (ep.time_wait, ep.other) == (made, 0)  # every connection so far holds its port
+        assert held[0] <= ep.time_wait <= held[1] and ep.other == 0, (rate, ep, held)  # each holds its port
     utilizations = [ep.forecast.utilization for _, ep, *_ in seen]
     assert utilizations == sorted(utilizations)
     assert utilizations[0] < 0.5 and utilizations[-1] == 1.0
     # Ports in use are far from 1000 yet, but at 24/s they run out: a finite forecast.
     last = seen[-1][1]
-    assert last.time_wait == len(pacer.closed_at)
     assert 0 < last.forecast.seconds_to_exhaustion < (1000 - last.time_wait) / 10
 
 
