@@ -6,10 +6,11 @@
 #include "flow.h"
 
 /* A raw tracepoint hands the program the kernel's own arguments (the struct sock pointer and the
- * states) instead of a record the kernel fills for every event, and runs under a guard of its own
- * rather than the one every perf-attached BPF program on the CPU shares: no run is skipped
- * because a map read from user space or another program holds the CPU. The price is reading the
- * fields the record held, here, at the offsets probes.py passes (-D, from BTF):
+ * states) instead of a record the kernel fills for every event, and is not held back by the guard
+ * every perf-attached BPF program on the CPU shares: no run is skipped because a map read from
+ * user space or another tool's program holds the CPU (tcpstate's own programs keep out of each
+ * other by guard.h). The price is reading the fields the record held, here, at the offsets
+ * probes.py passes (-D, from BTF):
  *   TCPSTATE_SK_PROTOCOL_AT                      sock.sk_protocol
  *   TCPSTATE_SKC_{DADDR,DPORT,FAMILY,V6_DADDR,V6_RCV_SADDR}_AT
  *                                                sock_common's, all within its first

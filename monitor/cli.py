@@ -164,9 +164,9 @@ def cli(log_level):
               "either way, to none unless --netns needs some.")
 @click.option("--raw-tracepoints/--no-raw-tracepoints", default=True, show_default=True,
               envvar="TCPSTATE_RAW_TRACEPOINTS", help="Attach inet_sock_set_state and tcp_destroy_sock as raw "
-              "tracepoints that read the socket at offsets from the kernel's BTF (cheaper, and never skipped "
-              "while another BPF program or a map read holds the CPU); off, or without BTF, their tracepoint "
-              "records are used.")
+              "tracepoints that read the socket at offsets from the kernel's BTF (not held back while another "
+              "tool's BPF program or a map read holds the CPU; no cheaper measured: BENCHMARKS.md); off, or "
+              "without BTF, their tracepoint records are used.")
 def run(listen_address, include_cidr, exclude_cidr, include_port, max_sockets, recent_closes, max_offenders,
         state_interval, top_n, netns_paths, forecast_window, config_path, settings, events_path, events_webhook,
         web_config_path, user, raw_tracepoints):

@@ -68,6 +68,7 @@ RAW_TRACEPOINTS = ("inet_sock_set_state", "tcp_destroy_sock")
 _SOCK_HEAD_FIELDS = {"TCPSTATE_SKC_DADDR_AT": 4, "TCPSTATE_SKC_DPORT_AT": 2, "TCPSTATE_SKC_FAMILY_AT": 2,
                      "TCPSTATE_SKC_V6_DADDR_AT": 16, "TCPSTATE_SKC_V6_RCV_SADDR_AT": 16}
 _INET_FIELDS = {"TCPSTATE_INET_SADDR_AT": 4, "TCPSTATE_INET_SPORT_AT": 2}
+_RAW_FIELDS = ("TCPSTATE_SK_PROTOCOL_AT", *_SOCK_HEAD_FIELDS, *_INET_FIELDS)
 _MAX_BLOCK = 128  # bytes of the program's stack one block may take
 NO_SOCKET_REASON = 1  # TCPSTATE_REASON_NO_SOCKET
 
@@ -197,8 +198,7 @@ class Layout:
     def raw_blocks(self) -> tuple[int, int, int] | None:
         """(bytes read from the socket's start, inet block's offset, its length) for the raw
         tracepoints, or None where BTF lacks a field or a block would not fit the stack."""
-        if "TCPSTATE_SK_PROTOCOL_AT" not in self.offsets or not all(
-                k in self.offsets for k in (*_SOCK_HEAD_FIELDS, *_INET_FIELDS)):
+        if not all(k in self.offsets for k in _RAW_FIELDS):
             return None
         head = -(-max(self.offsets[k] + n for k, n in _SOCK_HEAD_FIELDS.items()) // 8) * 8
         inet_at = min(self.offsets[k] for k in _INET_FIELDS)
@@ -210,8 +210,8 @@ class Layout:
     @property
     def raw_tracepoints(self) -> bool:
         """inet_sock_set_state and tcp_destroy_sock are attached as raw tracepoints, reading the
-        socket at BTF offsets instead of the record the kernel fills for each event: cheaper, and
-        never skipped because another BPF program, or a map read from user space, holds the CPU."""
+        socket at BTF offsets instead of the record the kernel fills for each event, and are not
+        held back while another tool's BPF program, or a map read from user space, holds the CPU."""
         return self.raw_off is None and self.raw_blocks() is not None
 
     @property
@@ -219,7 +219,7 @@ class Layout:
         """Why the raw tracepoints are not used (empty when they are)."""
         if self.raw_off:
             return self.raw_off
-        missing = [k for k in ("TCPSTATE_SK_PROTOCOL_AT", *_SOCK_HEAD_FIELDS, *_INET_FIELDS) if k not in self.offsets]
+        missing = [k for k in _RAW_FIELDS if k not in self.offsets]
         if missing:
             names = ", ".join(BTF_OFFSETS[k] for k in missing)
             return f"no struct sock offsets ({names}: {self.btf_problem or 'not given'})"
@@ -421,7 +421,7 @@ class Layout:
             head, inet_at, inet_len = self.raw_blocks()
             flags += ["-DTCPSTATE_RAW_TRACEPOINTS", f"-DTCPSTATE_SKC_HEAD_LEN={head}",
                       f"-DTCPSTATE_INET_BLOCK_AT={inet_at}", f"-DTCPSTATE_INET_BLOCK_LEN={inet_len}"]
-            flags += [f"-D{k}={self.offsets[k]}" for k in ("TCPSTATE_SK_PROTOCOL_AT", *_SOCK_HEAD_FIELDS, *_INET_FIELDS)]
+            flags += [f"-D{k}={self.offsets[k]}" for k in _RAW_FIELDS]
         if self.refused_syn_flags_from_send_reset:
             flags.append("-DTCPSTATE_SEND_RESET_SKB_FLAGS")
             flags += [f"-D{k}={self.offsets[k]}" for k in _SKB_OFFSETS]
