@@ -81,9 +81,9 @@ KERNELS_ARGS ?=
 test-kernels: host-vm setup-test
 	$(VENV)/bin/python tests/vm/kernels.py $(foreach k,$(KERNELS),--kernel $(k)) $(KERNELS_ARGS)
 
-# What CI boots within its hour: on every kernel of the matrix, the tests of what each kernel's
-# tracepoints and BTF give (transitions, resets, failures, port reuse, retransmissions against
-# tshark, the struct offsets). Under emulation 5.10 alone takes about 25 minutes for the full suite.
+# A quicker check while working on bpf/: on every kernel of the matrix, the tests of what each
+# kernel's tracepoints and BTF give (transitions, resets, failures, port reuse, retransmissions
+# against tshark, the struct offsets). CI runs the whole make test-kernels (.ci/run).
 SIGNAL_TESTS = tests/kernel/test_counts.py tests/kernel/test_reuse.py tests/kernel/test_wireshark.py \
 	tests/kernel/test_btf.py
 test-kernels-signals: host-vm setup-test
