@@ -7,11 +7,11 @@ idle and ignores the events that came before."""
 
 import json
 import os
-from datetime import datetime
 import queue
 import subprocess
 import threading
 import time
+from datetime import datetime
 
 import pytest
 
