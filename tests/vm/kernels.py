@@ -230,12 +230,15 @@ def boot(kernel: Kernel, tree: Path, out: Path, pytest_args: list[str], cpus: in
         # too (vng does not pass the signal on).
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, env=env,
                                 cwd=REPO, start_new_session=True)
+        RUNNING.add(proc.pid)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             say(f"{kernel.name}: no result after {timeout:.0f} s, stopped")
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        finally:
+            RUNNING.discard(proc.pid)
     result.wall_seconds = time.monotonic() - t0
     status = out / "status"
     if status.is_file():
@@ -308,6 +311,19 @@ def report(results: list[Result], out_root: Path) -> str:
     return "\n".join(lines)
 
 
+RUNNING: set[int] = set()  # the sessions of the guests running now
+
+
+def stop_guests(signum, _frame) -> None:
+    """SIGTERM or Ctrl-C: the guests run in sessions of their own, out of the signal's reach."""
+    for session in list(RUNNING):
+        try:
+            os.killpg(session, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(128 + signum)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description="Boot each kernel of the matrix under QEMU and run tests/kernel inside it.",
@@ -335,6 +351,8 @@ def main(argv=None) -> int:
                          "5.10's check took 101 s with it, 118-129 s without on a busier host.")
     ap.add_argument("pytest_args", nargs="*")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_guests)
+    signal.signal(signal.SIGINT, stop_guests)
     if os.geteuid() != 0:
         print("test-kernels: must run as root (sudo make test-kernels): the guests run the kernel tests as root",
               file=sys.stderr)
