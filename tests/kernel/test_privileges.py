@@ -175,7 +175,7 @@ def test_without_user_the_daemon_stays_uid_0_with_no_capability_and_scrapes_unde
             for _ in range(20):
                 try:
                     status, body = get(base + "/metrics")
-                except OSError as exc:  # a timeout too: a thread's exception would not fail the test
+                except OSError as exc:  # a timeout too: reported by the assertion below, with the rest
                     errors.append(repr(exc))
                     continue
                 if status != 200 or "tcpstate_build_info" not in body:
