@@ -41,7 +41,7 @@ def pair():
 
 
 @pytest.fixture(scope="module")
-def shared_daemon(pair):
+def daemon(pair):
     port = free_port()
     args = [TCPSTATE, "run", "--listen-address", f"127.0.0.1:{port}", "--include-cidr", "198.18.0.0/15",
             "--state-interval", "0.5", "--netns", netns_path(pair.client),
@@ -70,12 +70,6 @@ def shared_daemon(pair):
         proc.terminate()
         proc.wait(timeout=seconds(10))
     assert proc.returncode == 0, proc.stderr.read()
-
-
-@pytest.fixture
-def daemon(shared_daemon):
-    """The module's daemon, its base URL and its events, for one test."""
-    return shared_daemon
 
 
 def idle(base: str, *kinds: str) -> float:
